@@ -1,0 +1,176 @@
+//! Hypervisor hosts: registration, heartbeats, usage.
+
+use chrono::{DateTime, Utc};
+use kumo_types::agent::HostInfo;
+use kumo_types::id::{new_id, new_secret, IdKind};
+use sqlx::Row;
+
+use crate::auth::unique_conflict;
+use crate::{fmt_time, now_str, parse_time, parse_time_opt, Result, Store, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct HostRow {
+    pub id: String,
+    pub name: String,
+    pub secret: String,
+    pub address: String,
+    pub site: String,
+    pub state: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub hypervisor: String,
+    pub accel: String,
+    pub qemu_version: String,
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    pub generation: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What the live instances on a host reserve. Stopped instances keep their reservation:
+/// their disks live on that host.
+#[derive(Debug, Clone, Default)]
+pub struct HostUsage {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub instances: u32,
+}
+
+const HOST_COLUMNS: &str = "id, name, secret, address, site, state, vcpus, memory_mib, hypervisor, accel, qemu_version, last_heartbeat, generation, created_at";
+
+fn host_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<HostRow> {
+    Ok(HostRow {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        secret: r.try_get("secret")?,
+        address: r.try_get("address")?,
+        site: r.try_get("site")?,
+        state: r.try_get("state")?,
+        vcpus: u32::try_from(r.try_get::<i64, _>("vcpus")?).map_err(|_| StoreError::Corrupt("vcpus"))?,
+        memory_mib: u64::try_from(r.try_get::<i64, _>("memory_mib")?)
+            .map_err(|_| StoreError::Corrupt("memory_mib"))?,
+        hypervisor: r.try_get("hypervisor")?,
+        accel: r.try_get("accel")?,
+        qemu_version: r.try_get("qemu_version")?,
+        last_heartbeat: parse_time_opt(r.try_get::<Option<String>, _>("last_heartbeat")?.as_deref())?,
+        generation: r.try_get("generation")?,
+        created_at: parse_time(&r.try_get::<String, _>("created_at")?)?,
+    })
+}
+
+impl Store {
+    /// Register a new host; its name must be new. Returns the host with its secret.
+    pub async fn register_host(
+        &self,
+        name: &str,
+        address: &str,
+        site: &str,
+        info: &HostInfo,
+    ) -> Result<HostRow> {
+        kumo_types::id::validate_name(name).map_err(StoreError::Invalid)?;
+        kumo_types::id::validate_name(site).map_err(StoreError::Invalid)?;
+        let id = new_id(IdKind::Host);
+        let now = now_str();
+        sqlx::query(
+            "INSERT INTO hosts (id, name, secret, address, site, state, vcpus, memory_mib, hypervisor, accel, qemu_version, last_heartbeat, generation, created_at)
+             VALUES ($1, $2, $3, $4, $5, 'up', $6, $7, $8, $9, $10, $11, 1, $11)",
+        )
+        .bind(&id)
+        .bind(name)
+        .bind(new_secret())
+        .bind(address)
+        .bind(site)
+        .bind(i64::from(info.vcpus))
+        .bind(info.memory_mib as i64)
+        .bind(&info.hypervisor)
+        .bind(&info.accel)
+        .bind(&info.qemu_version)
+        .bind(&now)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| unique_conflict(e, format!("a host named {name} is already registered")))?;
+        self.host(&id).await
+    }
+
+    pub async fn host(&self, id: &str) -> Result<HostRow> {
+        let row = sqlx::query(&format!("SELECT {HOST_COLUMNS} FROM hosts WHERE id = $1 OR name = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => host_from_row(&r),
+            None => Err(StoreError::NotFound {
+                kind: "host",
+                id: id.to_string(),
+            }),
+        }
+    }
+
+    pub async fn hosts(&self) -> Result<Vec<HostRow>> {
+        let rows = sqlx::query(&format!("SELECT {HOST_COLUMNS} FROM hosts ORDER BY name"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(host_from_row).collect()
+    }
+
+    pub async fn host_usage(&self) -> Result<std::collections::HashMap<String, HostUsage>> {
+        let rows = sqlx::query(
+            "SELECT host_id, SUM(vcpus) AS v, SUM(memory_mib) AS m, COUNT(*) AS n FROM instances
+             WHERE state <> 'terminated' AND host_id IS NOT NULL GROUP BY host_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = std::collections::HashMap::new();
+        for r in rows {
+            let host: String = r.try_get("host_id")?;
+            out.insert(
+                host,
+                HostUsage {
+                    vcpus: r.try_get::<i64, _>("v")? as u32,
+                    memory_mib: r.try_get::<i64, _>("m")? as u64,
+                    instances: r.try_get::<i64, _>("n")? as u32,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// Record a heartbeat; a `down` host that reports again comes back `up`.
+    pub async fn host_heartbeat(&self, id: &str, address: &str, info: &HostInfo) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE hosts SET address = $2, vcpus = $3, memory_mib = $4, hypervisor = $5, accel = $6,
+                 qemu_version = $7, last_heartbeat = $8,
+                 state = CASE WHEN state = 'down' THEN 'up' ELSE state END,
+                 generation = generation + 1
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(address)
+        .bind(i64::from(info.vcpus))
+        .bind(info.memory_mib as i64)
+        .bind(&info.hypervisor)
+        .bind(&info.accel)
+        .bind(&info.qemu_version)
+        .bind(now_str())
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound {
+                kind: "host",
+                id: id.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Mark `up` hosts whose last heartbeat is older than `cutoff` as `down`; returns their ids.
+    pub async fn mark_stale_hosts_down(&self, cutoff: DateTime<Utc>) -> Result<Vec<String>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "UPDATE hosts SET state = 'down', generation = generation + 1
+             WHERE state = 'up' AND (last_heartbeat IS NULL OR last_heartbeat < $1) RETURNING id",
+        )
+        .bind(fmt_time(cutoff))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+}

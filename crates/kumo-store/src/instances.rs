@@ -1,0 +1,487 @@
+//! Instances and their networks. The controller is the only writer of an instance row;
+//! agents' observations come in through [`Store::apply_observation`].
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+
+use chrono::{DateTime, Utc};
+use kumo_types::agent::ObservedPower;
+use kumo_types::id::{new_id, IdKind};
+use kumo_types::InstanceState;
+use rand::Rng;
+use sqlx::Row;
+
+use crate::hosts::{HostRow, HostUsage};
+use crate::{clamp_limit, now_str, parse_time, parse_time_opt, Result, Scope, Store, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct InstanceRow {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub image_id: String,
+    pub instance_type: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub state: InstanceState,
+    pub desired: String,
+    pub reboot_seq: i64,
+    pub host_id: Option<String>,
+    pub network_id: String,
+    pub mac: String,
+    pub private_ip: String,
+    pub generation: i64,
+    pub observed_generation: i64,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub terminated_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewInstance {
+    pub name: String,
+    pub image_id: String,
+    pub instance_type: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub network_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NetworkRow {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub cidr: String,
+    pub gateway: String,
+}
+
+/// What an agent reported about one VM.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    pub generation: i64,
+    pub power: ObservedPower,
+    pub error: Option<String>,
+}
+
+const COLS: &str = "id, project_id, name, image_id, instance_type, vcpus, memory_mib, disk_gib, state, desired, reboot_seq, host_id, network_id, mac, private_ip, generation, observed_generation, last_error, created_at, updated_at, terminated_at";
+
+fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<InstanceRow> {
+    let state: String = r.try_get("state")?;
+    Ok(InstanceRow {
+        id: r.try_get("id")?,
+        project_id: r.try_get("project_id")?,
+        name: r.try_get("name")?,
+        image_id: r.try_get("image_id")?,
+        instance_type: r.try_get("instance_type")?,
+        vcpus: r.try_get::<i64, _>("vcpus")? as u32,
+        memory_mib: r.try_get::<i64, _>("memory_mib")? as u64,
+        disk_gib: r.try_get::<i64, _>("disk_gib")? as u64,
+        state: InstanceState::parse(&state).ok_or(StoreError::Corrupt("state"))?,
+        desired: r.try_get("desired")?,
+        reboot_seq: r.try_get("reboot_seq")?,
+        host_id: r.try_get("host_id")?,
+        network_id: r.try_get("network_id")?,
+        mac: r.try_get("mac")?,
+        private_ip: r.try_get("private_ip")?,
+        generation: r.try_get("generation")?,
+        observed_generation: r.try_get("observed_generation")?,
+        last_error: r.try_get("last_error")?,
+        created_at: parse_time(&r.try_get::<String, _>("created_at")?)?,
+        updated_at: parse_time(&r.try_get::<String, _>("updated_at")?)?,
+        terminated_at: parse_time_opt(r.try_get::<Option<String>, _>("terminated_at")?.as_deref())?,
+    })
+}
+
+/// Parse `a.b.c.d/len` into (network, prefix length).
+pub fn parse_cidr(cidr: &str) -> Result<(Ipv4Addr, u8)> {
+    let bad = || StoreError::Invalid(format!("{cidr:?} is not an IPv4 CIDR like 10.0.0.0/24"));
+    let (addr, len) = cidr.split_once('/').ok_or_else(bad)?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    if !(8..=29).contains(&len) {
+        return Err(StoreError::Invalid(format!(
+            "prefix length of {cidr} must be between 8 and 29"
+        )));
+    }
+    let mask = u32::MAX << (32 - len);
+    if u32::from(addr) & !mask != 0 {
+        return Err(StoreError::Invalid(format!("{cidr} has host bits set")));
+    }
+    Ok((addr, len))
+}
+
+fn random_mac() -> String {
+    let b: [u8; 3] = rand::thread_rng().gen();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+impl Store {
+    pub async fn create_network(&self, project_id: &str, name: &str, cidr: &str) -> Result<NetworkRow> {
+        let (net, _) = parse_cidr(cidr)?;
+        let gateway = Ipv4Addr::from(u32::from(net) + 1).to_string();
+        let id = new_id(IdKind::Network);
+        sqlx::query(
+            "INSERT INTO networks (id, project_id, name, cidr, gateway, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&id)
+        .bind(project_id)
+        .bind(name)
+        .bind(cidr)
+        .bind(&gateway)
+        .bind(now_str())
+        .execute(&self.pool)
+        .await?;
+        self.network(&id).await
+    }
+
+    pub async fn network(&self, id: &str) -> Result<NetworkRow> {
+        let r = sqlx::query("SELECT id, project_id, name, cidr, gateway FROM networks WHERE id = $1 OR name = $1 ORDER BY created_at LIMIT 1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound { kind: "network", id: id.to_string() })?;
+        Ok(NetworkRow {
+            id: r.try_get("id")?,
+            project_id: r.try_get("project_id")?,
+            name: r.try_get("name")?,
+            cidr: r.try_get("cidr")?,
+            gateway: r.try_get("gateway")?,
+        })
+    }
+
+    /// Place and record a new instance in one step: `place` chooses a host from the hosts and
+    /// their current usage, and the reservation is written before anyone else can place.
+    pub async fn create_instance(
+        &self,
+        scope: &Scope,
+        new: &NewInstance,
+        place: impl FnOnce(&[HostRow], &HashMap<String, HostUsage>) -> std::result::Result<String, String>,
+    ) -> Result<InstanceRow> {
+        kumo_types::id::validate_name(&new.name).map_err(StoreError::Invalid)?;
+        let _guard = self.placement.lock().await;
+        let clash: Option<(String,)> = sqlx::query_as(
+            "SELECT id FROM instances WHERE project_id = $1 AND name = $2 AND state <> 'terminated'",
+        )
+        .bind(&scope.project_id)
+        .bind(&new.name)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some((other,)) = clash {
+            return Err(StoreError::Conflict(format!(
+                "an instance named {} already exists ({other})",
+                new.name
+            )));
+        }
+        let hosts = self.hosts().await?;
+        let usage = self.host_usage().await?;
+        let host_id = place(&hosts, &usage).map_err(StoreError::NoCapacity)?;
+        let network = self.network(&new.network_id).await?;
+        let ip = self.free_ip(&network).await?;
+        let id = new_id(IdKind::Instance);
+        let now = now_str();
+        let mut last_err = None;
+        for _ in 0..5 {
+            let res = sqlx::query(
+                "INSERT INTO instances (id, project_id, name, image_id, instance_type, vcpus, memory_mib, disk_gib, state, desired, reboot_seq, host_id, network_id, mac, private_ip, generation, observed_generation, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 'running', 0, $9, $10, $11, $12, 1, 0, $13, $13)",
+            )
+            .bind(&id)
+            .bind(&scope.project_id)
+            .bind(&new.name)
+            .bind(&new.image_id)
+            .bind(&new.instance_type)
+            .bind(i64::from(new.vcpus))
+            .bind(new.memory_mib as i64)
+            .bind(new.disk_gib as i64)
+            .bind(&host_id)
+            .bind(&network.id)
+            .bind(random_mac())
+            .bind(&ip)
+            .bind(&now)
+            .execute(&self.pool)
+            .await;
+            match res {
+                Ok(_) => return self.instance(scope, &id).await,
+                // A MAC collision: draw another.
+                Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+                    last_err = Some(d.message().to_string())
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Conflict(format!(
+            "could not allocate a unique address: {}",
+            last_err.unwrap_or_default()
+        )))
+    }
+
+    async fn free_ip(&self, network: &NetworkRow) -> Result<String> {
+        let (net, len) = parse_cidr(&network.cidr)?;
+        let used: Vec<(String,)> = sqlx::query_as(
+            "SELECT private_ip FROM instances WHERE network_id = $1 AND state <> 'terminated'",
+        )
+        .bind(&network.id)
+        .fetch_all(&self.pool)
+        .await?;
+        let used: HashSet<String> = used.into_iter().map(|r| r.0).collect();
+        let size = 1u32 << (32 - len);
+        // .1 is the gateway; .2–.9 are kept for host services; the last is broadcast.
+        for off in 10..size - 1 {
+            let ip = Ipv4Addr::from(u32::from(net) + off).to_string();
+            if ip != network.gateway && !used.contains(&ip) {
+                return Ok(ip);
+            }
+        }
+        Err(StoreError::NoCapacity(format!(
+            "network {} ({}) has no free address",
+            network.name, network.cidr
+        )))
+    }
+
+    /// An instance by id, or by name among the scope's live instances.
+    pub async fn instance(&self, scope: &Scope, id_or_name: &str) -> Result<InstanceRow> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLS} FROM instances WHERE (id = $1 OR (name = $1 AND state <> 'terminated'))
+             AND (CAST($2 AS TEXT) IS NULL OR project_id = $2) ORDER BY created_at DESC LIMIT 1"
+        ))
+        .bind(id_or_name)
+        .bind(scope.filter())
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(r) => from_row(&r),
+            None => Err(StoreError::NotFound {
+                kind: "instance",
+                id: id_or_name.to_string(),
+            }),
+        }
+    }
+
+    pub async fn instances(
+        &self,
+        scope: &Scope,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<(Vec<InstanceRow>, Option<String>)> {
+        let limit = clamp_limit(limit);
+        let rows = sqlx::query(&format!(
+            "SELECT {COLS} FROM instances WHERE (CAST($1 AS TEXT) IS NULL OR project_id = $1)
+             AND id > $2 AND (CAST($3 AS TEXT) IS NULL OR name = $3)
+             ORDER BY id LIMIT $4"
+        ))
+        .bind(scope.filter())
+        .bind(cursor.unwrap_or(""))
+        .bind(name)
+        .bind(limit + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut items = rows.iter().map(from_row).collect::<Result<Vec<_>>>()?;
+        let next = if items.len() as i64 > limit {
+            items.truncate(limit as usize);
+            items.last().map(|i| i.id.clone())
+        } else {
+            None
+        };
+        Ok((items, next))
+    }
+
+    /// Change what the controller wants of an instance. `change` gets the current row and
+    /// returns the new (state, desired, reboot_seq, vcpus, memory, disk, type) or an error that
+    /// explains why the request does not fit the current state. Guarded by the generation, so
+    /// concurrent requests cannot both apply.
+    pub async fn update_instance(
+        &self,
+        scope: &Scope,
+        id_or_name: &str,
+        change: impl Fn(&InstanceRow) -> std::result::Result<Option<InstanceRow>, String>,
+    ) -> Result<InstanceRow> {
+        for _ in 0..10 {
+            let cur = self.instance(scope, id_or_name).await?;
+            let next = match change(&cur) {
+                Ok(Some(n)) => n,
+                Ok(None) => return Ok(cur),
+                Err(msg) => return Err(StoreError::Conflict(msg)),
+            };
+            if !cur.state.valid_transition(next.state) {
+                return Err(StoreError::Conflict(format!(
+                    "instance {} cannot go from {} to {}",
+                    cur.id, cur.state, next.state
+                )));
+            }
+            let terminated_at = (next.state == InstanceState::Terminated).then(now_str);
+            let done = sqlx::query(
+                "UPDATE instances SET state = $3, desired = $4, reboot_seq = $5, vcpus = $6, memory_mib = $7,
+                     disk_gib = $8, instance_type = $9, generation = generation + 1, updated_at = $10,
+                     terminated_at = COALESCE($11, terminated_at), last_error = NULL
+                 WHERE id = $1 AND generation = $2",
+            )
+            .bind(&cur.id)
+            .bind(cur.generation)
+            .bind(next.state.as_str())
+            .bind(&next.desired)
+            .bind(next.reboot_seq)
+            .bind(i64::from(next.vcpus))
+            .bind(next.memory_mib as i64)
+            .bind(next.disk_gib as i64)
+            .bind(&next.instance_type)
+            .bind(now_str())
+            .bind(terminated_at)
+            .execute(&self.pool)
+            .await?;
+            if done.rows_affected() == 1 {
+                return self.instance(&Scope::system(), &cur.id).await;
+            }
+        }
+        Err(StoreError::Conflict(format!(
+            "instance {id_or_name} is being changed concurrently; try again"
+        )))
+    }
+
+    /// Instances whose desired state a host has not applied yet.
+    pub async fn instances_to_push(&self, limit: i64) -> Result<Vec<InstanceRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLS} FROM instances WHERE state <> 'terminated' AND generation > observed_generation
+             ORDER BY updated_at LIMIT $1"
+        ))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(from_row).collect()
+    }
+
+    /// Live instances placed on a host.
+    pub async fn instances_on_host(&self, host_id: &str) -> Result<Vec<InstanceRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLS} FROM instances WHERE host_id = $1 AND state <> 'terminated'"
+        ))
+        .bind(host_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(from_row).collect()
+    }
+
+    /// Fold an agent's report into the record. Returns the new state when it changed.
+    pub async fn apply_observation(
+        &self,
+        row: &InstanceRow,
+        obs: &Observation,
+    ) -> Result<Option<InstanceState>> {
+        if obs.generation < row.generation {
+            // The host has not applied the latest spec: its report says nothing about it.
+            return Ok(None);
+        }
+        use InstanceState::*;
+        let (state, desired) = match (row.desired.as_str(), obs.power) {
+            ("terminated", _) => (ShuttingDown, "terminated"),
+            ("running", ObservedPower::Running) => (Running, "running"),
+            ("running", ObservedPower::Starting | ObservedPower::Failed) => (Pending, "running"),
+            // The guest powered itself off: like EC2, the instance is now stopped.
+            ("running", ObservedPower::Stopped | ObservedPower::Stopping) => {
+                if row.state == Running {
+                    (Stopped, "stopped")
+                } else {
+                    (Pending, "running")
+                }
+            }
+            ("stopped", ObservedPower::Stopped | ObservedPower::Failed) => (Stopped, "stopped"),
+            ("stopped", _) => (Stopping, "stopped"),
+            _ => return Ok(None),
+        };
+        let state = if row.state.valid_transition(state) { state } else { row.state };
+        let error = if obs.power == ObservedPower::Failed { obs.error.clone() } else { None };
+        let bump = i64::from(desired != row.desired);
+        sqlx::query(
+            "UPDATE instances SET state = $3, desired = $4, observed_generation = $5, last_error = $6,
+                 generation = generation + $7, updated_at = $8
+             WHERE id = $1 AND generation = $2",
+        )
+        .bind(&row.id)
+        .bind(row.generation)
+        .bind(state.as_str())
+        .bind(desired)
+        .bind(obs.generation)
+        .bind(&error)
+        .bind(bump)
+        .bind(now_str())
+        .execute(&self.pool)
+        .await?;
+        Ok((state != row.state).then_some(state))
+    }
+
+    /// The host no longer has this VM: a terminating instance is now terminated; any other
+    /// live instance must be pushed again.
+    pub async fn instance_absent_on_host(&self, row: &InstanceRow) -> Result<bool> {
+        if row.desired == "terminated" {
+            let done = sqlx::query(
+                "UPDATE instances SET state = 'terminated', terminated_at = $3, updated_at = $3, observed_generation = generation
+                 WHERE id = $1 AND generation = $2",
+            )
+            .bind(&row.id)
+            .bind(row.generation)
+            .bind(now_str())
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        } else {
+            if row.observed_generation > 0 {
+                sqlx::query("UPDATE instances SET observed_generation = 0 WHERE id = $1 AND generation = $2")
+                    .bind(&row.id)
+                    .bind(row.generation)
+                    .execute(&self.pool)
+                    .await?;
+            }
+            Ok(false)
+        }
+    }
+
+    /// Mark that the controller has pushed this generation (the agent accepted it).
+    pub async fn record_push_error(&self, id: &str, error: &str) -> Result<()> {
+        sqlx::query("UPDATE instances SET last_error = $2 WHERE id = $1")
+            .bind(id)
+            .bind(error)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Is this id a live instance of this host? Used to find orphans the host must delete.
+    pub async fn live_instance_ids(&self, host_id: &str) -> Result<HashSet<String>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT id FROM instances WHERE host_id = $1 AND state <> 'terminated'",
+        )
+        .bind(host_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    pub async fn instance_type(&self, name: &str) -> Result<kumo_types::api::InstanceType> {
+        let r = sqlx::query("SELECT name, vcpus, memory_mib, disk_gib FROM instance_types WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound { kind: "instance type", id: name.to_string() })?;
+        type_from_row(&r)
+    }
+
+    pub async fn instance_types(&self) -> Result<Vec<kumo_types::api::InstanceType>> {
+        let rows = sqlx::query("SELECT name, vcpus, memory_mib, disk_gib FROM instance_types ORDER BY memory_mib, name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(type_from_row).collect()
+    }
+}
+
+fn type_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<kumo_types::api::InstanceType> {
+    Ok(kumo_types::api::InstanceType {
+        name: r.try_get("name")?,
+        vcpus: r.try_get::<i64, _>("vcpus")? as u32,
+        memory_mib: r.try_get::<i64, _>("memory_mib")? as u64,
+        disk_gib: r.try_get::<i64, _>("disk_gib")? as u64,
+    })
+}

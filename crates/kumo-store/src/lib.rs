@@ -1,0 +1,152 @@
+//! kumo's store. All controller state lives here, so a controller can be killed at any moment
+//! and started again without losing anything.
+//!
+//! Tenancy is enforced here, not in handlers: every query on a project's resources takes a
+//! [`Scope`], and a scope for project A cannot read or change a row of project B.
+//! The SQL is plain enough for SQLite and PostgreSQL (`$N` placeholders, TEXT timestamps).
+
+mod auth;
+mod hosts;
+mod images;
+mod instances;
+mod ops;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::SqlitePool;
+
+pub use auth::{AccessKey, Bootstrap};
+pub use hosts::{HostRow, HostUsage};
+pub use images::{ImageRow, NewImage};
+pub use instances::{InstanceRow, NewInstance, NetworkRow, Observation};
+pub use ops::{EventRow, IdempotentResponse, NewEvent, OperationRow};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{kind} {id} not found")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no host can take this instance: {0}")]
+    NoCapacity(String),
+    #[error("database error")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("corrupt value in column {0}")]
+    Corrupt(&'static str),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Whose rows a query may see. Admins see every project.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub project_id: String,
+    pub user_id: String,
+    pub admin: bool,
+}
+
+impl Scope {
+    /// The project filter to bind: `None` means all projects.
+    fn filter(&self) -> Option<&str> {
+        if self.admin {
+            None
+        } else {
+            Some(&self.project_id)
+        }
+    }
+
+    /// The scope background tasks use: all projects.
+    pub fn system() -> Scope {
+        Scope {
+            project_id: String::new(),
+            user_id: "system".into(),
+            admin: true,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    /// Serialises capacity reservation in this process so that two creates never both take
+    /// the last slot of a host (SQLite has one writer anyway).
+    placement: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+pub fn now_str() -> String {
+    fmt_time(Utc::now())
+}
+
+pub fn fmt_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+pub(crate) fn parse_time(s: &str) -> Result<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| StoreError::Corrupt("timestamp"))
+}
+
+pub(crate) fn parse_time_opt(s: Option<&str>) -> Result<Option<DateTime<Utc>>> {
+    s.map(parse_time).transpose()
+}
+
+/// Page sizes are clamped to 1..=1000.
+pub fn clamp_limit(limit: Option<u32>) -> i64 {
+    i64::from(limit.unwrap_or(100).clamp(1, 1000))
+}
+
+impl Store {
+    /// Open (creating if needed) the SQLite store at `path` and run migrations.
+    pub async fn open_sqlite(path: &Path) -> Result<Store> {
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        // A bounded pool with timeouts: connections can never pile up (seed 002's leak).
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Store {
+            pool,
+            placement: Default::default(),
+        })
+    }
+
+    pub async fn open_memory() -> Result<Store> {
+        let opts = SqliteConnectOptions::from_str("sqlite::memory:")?.foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Store {
+            pool,
+            placement: Default::default(),
+        })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,208 @@
+//! Models of the native REST API (`/api/v1`). The OpenAPI document is generated from these.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::InstanceState;
+
+/// Every error body: `{"error": {"code", "message", "request_id"}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `NotFound`, `InvalidParameter`, `InsufficientCapacity`.
+    pub code: String,
+    pub message: String,
+    pub request_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+pub struct ListParams {
+    /// Page size, 1–1000 (default 100).
+    pub limit: Option<u32>,
+    /// Cursor from a previous page's `next_cursor`.
+    pub cursor: Option<String>,
+    /// Only resources with this exact name.
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Host {
+    pub id: String,
+    pub name: String,
+    pub site: String,
+    /// `up`, `maintenance`, `draining`, `down` or `fenced`.
+    pub state: String,
+    pub address: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub hypervisor: String,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    pub qemu_version: String,
+    pub used_vcpus: u32,
+    pub used_memory_mib: u64,
+    pub instances: u32,
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InstanceType {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Image {
+    pub id: String,
+    pub name: String,
+    /// `disk`, `kernel` or `ramdisk`.
+    pub kind: String,
+    /// `pending` (importing), `available` or `failed`.
+    pub state: String,
+    pub public: bool,
+    pub source_format: Option<String>,
+    pub virtual_size: Option<u64>,
+    pub file_size: Option<u64>,
+    pub sha256: Option<String>,
+    /// For disk images booted by direct kernel boot: the kernel and ramdisk images to use.
+    pub kernel_id: Option<String>,
+    pub ramdisk_id: Option<String>,
+    /// Extra kernel command line for direct kernel boot.
+    pub cmdline: Option<String>,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Import an image from a file readable by the controller.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ImportImage {
+    pub name: String,
+    /// `disk` (default), `kernel` or `ramdisk`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    pub path: String,
+    /// Input format (`qcow2`, `raw`, `vmdk`, `vdi`); detected when absent.
+    #[serde(default)]
+    pub format: Option<String>,
+    #[serde(default)]
+    pub kernel_id: Option<String>,
+    #[serde(default)]
+    pub ramdisk_id: Option<String>,
+    #[serde(default)]
+    pub cmdline: Option<String>,
+    /// Visible to every project (admins only).
+    #[serde(default)]
+    pub public: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+pub struct UploadParams {
+    pub name: String,
+    pub kind: Option<String>,
+    pub format: Option<String>,
+    pub kernel_id: Option<String>,
+    pub ramdisk_id: Option<String>,
+    pub cmdline: Option<String>,
+    #[serde(default)]
+    pub public: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Instance {
+    pub id: String,
+    pub name: String,
+    pub project_id: String,
+    pub image_id: String,
+    pub instance_type: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub state: InstanceState,
+    /// The state the controller is driving the instance to.
+    pub desired: String,
+    pub host_id: Option<String>,
+    pub private_ip: Option<String>,
+    pub mac: Option<String>,
+    pub generation: i64,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub terminated_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateInstance {
+    pub name: String,
+    /// Image id or name.
+    pub image: String,
+    #[serde(default)]
+    pub instance_type: Option<String>,
+    /// Place the instance in this site (availability zone).
+    #[serde(default)]
+    pub site: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UpdateInstance {
+    /// New instance type; allowed only while the instance is stopped.
+    pub instance_type: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ConsoleOutput {
+    pub instance_id: String,
+    /// The last bytes of the serial console (UTF-8, lossy).
+    pub output: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Operation {
+    pub id: String,
+    pub kind: String,
+    pub target_id: String,
+    /// `running`, `succeeded` or `failed`.
+    pub state: String,
+    /// 0.0 to 1.0.
+    pub progress: f64,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    pub id: i64,
+    pub time: DateTime<Utc>,
+    pub project_id: Option<String>,
+    pub user_id: Option<String>,
+    pub action: String,
+    pub target: Option<String>,
+    /// `ok` or an error code.
+    pub result: String,
+    pub request_id: Option<String>,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WhoAmI {
+    pub user_id: String,
+    pub user_name: String,
+    pub project_id: String,
+    pub role: String,
+}
