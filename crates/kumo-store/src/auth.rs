@@ -114,9 +114,10 @@ impl Store {
     /// Create the admin project, user, key, a join token and the default network, once.
     /// Returns `None` when the store was already initialised.
     pub async fn bootstrap(&self, default_cidr: &str) -> Result<Option<Bootstrap>> {
-        let exists: Option<(String,)> = sqlx::query_as("SELECT id FROM projects WHERE name = 'admin'")
-            .fetch_optional(&self.pool)
-            .await?;
+        let exists: Option<(String,)> =
+            sqlx::query_as("SELECT id FROM projects WHERE name = 'admin'")
+                .fetch_optional(&self.pool)
+                .await?;
         if exists.is_some() {
             return Ok(None);
         }

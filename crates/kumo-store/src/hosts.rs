@@ -45,13 +45,16 @@ fn host_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<HostRow> {
         address: r.try_get("address")?,
         site: r.try_get("site")?,
         state: r.try_get("state")?,
-        vcpus: u32::try_from(r.try_get::<i64, _>("vcpus")?).map_err(|_| StoreError::Corrupt("vcpus"))?,
+        vcpus: u32::try_from(r.try_get::<i64, _>("vcpus")?)
+            .map_err(|_| StoreError::Corrupt("vcpus"))?,
         memory_mib: u64::try_from(r.try_get::<i64, _>("memory_mib")?)
             .map_err(|_| StoreError::Corrupt("memory_mib"))?,
         hypervisor: r.try_get("hypervisor")?,
         accel: r.try_get("accel")?,
         qemu_version: r.try_get("qemu_version")?,
-        last_heartbeat: parse_time_opt(r.try_get::<Option<String>, _>("last_heartbeat")?.as_deref())?,
+        last_heartbeat: parse_time_opt(
+            r.try_get::<Option<String>, _>("last_heartbeat")?.as_deref(),
+        )?,
         generation: r.try_get("generation")?,
         created_at: parse_time(&r.try_get::<String, _>("created_at")?)?,
     })
@@ -92,10 +95,12 @@ impl Store {
     }
 
     pub async fn host(&self, id: &str) -> Result<HostRow> {
-        let row = sqlx::query(&format!("SELECT {HOST_COLUMNS} FROM hosts WHERE id = $1 OR name = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {HOST_COLUMNS} FROM hosts WHERE id = $1 OR name = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         match row {
             Some(r) => host_from_row(&r),
             None => Err(StoreError::NotFound {

@@ -47,7 +47,9 @@ fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<ImageRow> {
         state: r.try_get("state")?,
         public: r.try_get::<i64, _>("public")? != 0,
         source_format: r.try_get("source_format")?,
-        virtual_size: r.try_get::<Option<i64>, _>("virtual_size")?.map(|v| v as u64),
+        virtual_size: r
+            .try_get::<Option<i64>, _>("virtual_size")?
+            .map(|v| v as u64),
         file_size: r.try_get::<Option<i64>, _>("file_size")?.map(|v| v as u64),
         sha256: r.try_get("sha256")?,
         path: r.try_get("path")?,
@@ -81,7 +83,9 @@ impl Store {
         kumo_types::id::validate_name(&new.name).map_err(StoreError::Invalid)?;
         let id = new_id(image_kind_prefix(&new.kind)?);
         if new.public && !scope.admin {
-            return Err(StoreError::Invalid("only admins can make public images".into()));
+            return Err(StoreError::Invalid(
+                "only admins can make public images".into(),
+            ));
         }
         for (what, want, reference) in [
             ("kernel", "kernel", &new.kernel_id),
@@ -154,12 +158,14 @@ impl Store {
     /// A failed import leaves no image behind: the row is marked deleted with its error kept
     /// for the operation record.
     pub async fn fail_image(&self, id: &str, error: &str) -> Result<()> {
-        sqlx::query("UPDATE images SET state = 'failed', error = $2, deleted_at = $3 WHERE id = $1")
-            .bind(id)
-            .bind(error)
-            .bind(now_str())
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE images SET state = 'failed', error = $2, deleted_at = $3 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(error)
+        .bind(now_str())
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

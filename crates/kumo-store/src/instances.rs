@@ -120,7 +120,12 @@ fn random_mac() -> String {
 }
 
 impl Store {
-    pub async fn create_network(&self, project_id: &str, name: &str, cidr: &str) -> Result<NetworkRow> {
+    pub async fn create_network(
+        &self,
+        project_id: &str,
+        name: &str,
+        cidr: &str,
+    ) -> Result<NetworkRow> {
         let (net, _) = parse_cidr(cidr)?;
         let gateway = Ipv4Addr::from(u32::from(net) + 1).to_string();
         let id = new_id(IdKind::Network);
@@ -159,7 +164,10 @@ impl Store {
         &self,
         scope: &Scope,
         new: &NewInstance,
-        place: impl FnOnce(&[HostRow], &HashMap<String, HostUsage>) -> std::result::Result<String, String>,
+        place: impl FnOnce(
+            &[HostRow],
+            &HashMap<String, HostUsage>,
+        ) -> std::result::Result<String, String>,
     ) -> Result<InstanceRow> {
         kumo_types::id::validate_name(&new.name).map_err(StoreError::Invalid)?;
         let _guard = self.placement.lock().await;
@@ -392,8 +400,16 @@ impl Store {
             ("stopped", _) => (Stopping, "stopped"),
             _ => return Ok(None),
         };
-        let state = if row.state.valid_transition(state) { state } else { row.state };
-        let error = if obs.power == ObservedPower::Failed { obs.error.clone() } else { None };
+        let state = if row.state.valid_transition(state) {
+            state
+        } else {
+            row.state
+        };
+        let error = if obs.power == ObservedPower::Failed {
+            obs.error.clone()
+        } else {
+            None
+        };
         let bump = i64::from(desired != row.desired);
         sqlx::query(
             "UPDATE instances SET state = $3, desired = $4, observed_generation = $5, last_error = $6,
@@ -451,21 +467,25 @@ impl Store {
 
     /// Is this id a live instance of this host? Used to find orphans the host must delete.
     pub async fn live_instance_ids(&self, host_id: &str) -> Result<HashSet<String>> {
-        let rows: Vec<(String,)> = sqlx::query_as(
-            "SELECT id FROM instances WHERE host_id = $1 AND state <> 'terminated'",
-        )
-        .bind(host_id)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT id FROM instances WHERE host_id = $1 AND state <> 'terminated'")
+                .bind(host_id)
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows.into_iter().map(|r| r.0).collect())
     }
 
     pub async fn instance_type(&self, name: &str) -> Result<kumo_types::api::InstanceType> {
-        let r = sqlx::query("SELECT name, vcpus, memory_mib, disk_gib FROM instance_types WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| StoreError::NotFound { kind: "instance type", id: name.to_string() })?;
+        let r = sqlx::query(
+            "SELECT name, vcpus, memory_mib, disk_gib FROM instance_types WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            kind: "instance type",
+            id: name.to_string(),
+        })?;
         type_from_row(&r)
     }
 

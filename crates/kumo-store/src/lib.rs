@@ -22,7 +22,7 @@ use sqlx::SqlitePool;
 pub use auth::{AccessKey, Bootstrap};
 pub use hosts::{HostRow, HostUsage};
 pub use images::{ImageRow, NewImage};
-pub use instances::{InstanceRow, NewInstance, NetworkRow, Observation};
+pub use instances::{InstanceRow, NetworkRow, NewInstance, Observation};
 pub use ops::{EventRow, IdempotentResponse, NewEvent, OperationRow};
 
 #[derive(Debug, thiserror::Error)]

@@ -64,10 +64,16 @@ fn op_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<OperationRow> {
     })
 }
 
-const OP_COLS: &str = "id, project_id, kind, target_id, state, progress, error, created_at, updated_at";
+const OP_COLS: &str =
+    "id, project_id, kind, target_id, state, progress, error, created_at, updated_at";
 
 impl Store {
-    pub async fn create_operation(&self, project_id: &str, kind: &str, target_id: &str) -> Result<OperationRow> {
+    pub async fn create_operation(
+        &self,
+        project_id: &str,
+        kind: &str,
+        target_id: &str,
+    ) -> Result<OperationRow> {
         let id = new_id(IdKind::Operation);
         let now = now_str();
         sqlx::query(
@@ -95,7 +101,11 @@ impl Store {
     }
 
     pub async fn finish_operation(&self, id: &str, error: Option<&str>) -> Result<()> {
-        let state = if error.is_some() { "failed" } else { "succeeded" };
+        let state = if error.is_some() {
+            "failed"
+        } else {
+            "succeeded"
+        };
         sqlx::query(
             "UPDATE operations SET state = $2, error = $3, progress = CASE WHEN $2 = 'succeeded' THEN 1.0 ELSE progress END, updated_at = $4 WHERE id = $1",
         )
@@ -110,9 +120,11 @@ impl Store {
 
     /// Operations still marked running, e.g. after a controller restart.
     pub async fn running_operations(&self) -> Result<Vec<OperationRow>> {
-        let rows = sqlx::query(&format!("SELECT {OP_COLS} FROM operations WHERE state = 'running'"))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {OP_COLS} FROM operations WHERE state = 'running'"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(op_from_row).collect()
     }
 
@@ -128,7 +140,12 @@ impl Store {
         op_from_row(&r)
     }
 
-    pub async fn operations(&self, scope: &Scope, limit: Option<u32>, cursor: Option<&str>) -> Result<(Vec<OperationRow>, Option<String>)> {
+    pub async fn operations(
+        &self,
+        scope: &Scope,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<OperationRow>, Option<String>)> {
         let limit = clamp_limit(limit);
         let rows = sqlx::query(&format!(
             "SELECT {OP_COLS} FROM operations WHERE (CAST($1 AS TEXT) IS NULL OR project_id = $1) AND id > $2 ORDER BY id LIMIT $3"
@@ -167,10 +184,17 @@ impl Store {
     }
 
     /// Newest first; `cursor` is the id to continue below.
-    pub async fn events(&self, scope: &Scope, limit: Option<u32>, cursor: Option<&str>) -> Result<(Vec<EventRow>, Option<String>)> {
+    pub async fn events(
+        &self,
+        scope: &Scope,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<EventRow>, Option<String>)> {
         let limit = clamp_limit(limit);
         let before: i64 = match cursor {
-            Some(c) => c.parse().map_err(|_| StoreError::Invalid(format!("bad cursor {c:?}")))?,
+            Some(c) => c
+                .parse()
+                .map_err(|_| StoreError::Invalid(format!("bad cursor {c:?}")))?,
             None => i64::MAX,
         };
         let rows = sqlx::query(
@@ -205,12 +229,18 @@ impl Store {
         Ok((items, next))
     }
 
-    pub async fn idempotent_response(&self, user_id: &str, key: &str) -> Result<Option<IdempotentResponse>> {
-        let r = sqlx::query("SELECT request_hash, status, body FROM idempotency WHERE user_id = $1 AND key = $2")
-            .bind(user_id)
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
+    pub async fn idempotent_response(
+        &self,
+        user_id: &str,
+        key: &str,
+    ) -> Result<Option<IdempotentResponse>> {
+        let r = sqlx::query(
+            "SELECT request_hash, status, body FROM idempotency WHERE user_id = $1 AND key = $2",
+        )
+        .bind(user_id)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
         r.map(|r| {
             Ok(IdempotentResponse {
                 request_hash: r.try_get("request_hash")?,
@@ -221,7 +251,12 @@ impl Store {
         .transpose()
     }
 
-    pub async fn save_idempotent_response(&self, user_id: &str, key: &str, resp: &IdempotentResponse) -> Result<()> {
+    pub async fn save_idempotent_response(
+        &self,
+        user_id: &str,
+        key: &str,
+        resp: &IdempotentResponse,
+    ) -> Result<()> {
         sqlx::query(
             "INSERT INTO idempotency (user_id, key, request_hash, status, body, created_at) VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (user_id, key) DO NOTHING",

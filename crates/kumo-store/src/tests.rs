@@ -3,12 +3,22 @@ use kumo_types::agent::{HostInfo, ObservedPower};
 use kumo_types::InstanceState;
 
 fn info() -> HostInfo {
-    HostInfo { vcpus: 4, memory_mib: 4096, hypervisor: "sim".into(), accel: "tcg".into(), qemu_version: "sim".into() }
+    HostInfo {
+        vcpus: 4,
+        memory_mib: 4096,
+        hypervisor: "sim".into(),
+        accel: "tcg".into(),
+        qemu_version: "sim".into(),
+    }
 }
 
 async fn setup() -> (Store, Bootstrap) {
     let s = Store::open_memory().await.expect("store");
-    let b = s.bootstrap("10.9.0.0/24").await.expect("bootstrap").expect("first");
+    let b = s
+        .bootstrap("10.9.0.0/24")
+        .await
+        .expect("bootstrap")
+        .expect("first");
     (s, b)
 }
 
@@ -26,10 +36,23 @@ fn new_instance(name: &str, image: &str, network: &str) -> NewInstance {
 
 async fn image(s: &Store, scope: &Scope, name: &str) -> ImageRow {
     let img = s
-        .create_image(scope, &NewImage { name: name.into(), kind: "disk".into(), public: false, kernel_id: None, ramdisk_id: None, cmdline: None }, |id| format!("/x/{id}"))
+        .create_image(
+            scope,
+            &NewImage {
+                name: name.into(),
+                kind: "disk".into(),
+                public: false,
+                kernel_id: None,
+                ramdisk_id: None,
+                cmdline: None,
+            },
+            |id| format!("/x/{id}"),
+        )
         .await
         .expect("image");
-    s.finish_image(&img.id, "qcow2", 1 << 20, 1 << 20, "00").await.expect("finish");
+    s.finish_image(&img.id, "qcow2", 1 << 20, 1 << 20, "00")
+        .await
+        .expect("finish");
     img
 }
 
@@ -37,7 +60,11 @@ async fn image(s: &Store, scope: &Scope, name: &str) -> ImageRow {
 async fn bootstrap_runs_once() {
     let (s, b) = setup().await;
     assert!(s.bootstrap("10.9.0.0/24").await.expect("again").is_none());
-    let k = s.access_key(&b.access_key.id).await.expect("lookup").expect("key");
+    let k = s
+        .access_key(&b.access_key.id)
+        .await
+        .expect("lookup")
+        .expect("key");
     assert_eq!(k.secret, b.access_key.secret);
     assert!(k.scope().admin);
     assert!(s.join_token_valid(&b.join_token).await.expect("tok"));
@@ -48,7 +75,10 @@ async fn bootstrap_runs_once() {
 async fn projects_cannot_see_each_other() {
     let (s, b) = setup().await;
     let admin = b.access_key.scope();
-    let host = s.register_host("h1", "http://x", "site1", &info()).await.expect("host");
+    let host = s
+        .register_host("h1", "http://x", "site1", &info())
+        .await
+        .expect("host");
     let p2 = s.create_project("other").await.expect("p2");
     let u2 = s.create_user("bob", &p2, "member").await.expect("u2");
     let k2 = s.create_access_key(&u2).await.expect("k2");
@@ -56,31 +86,71 @@ async fn projects_cannot_see_each_other() {
     let img = image(&s, &admin, "img").await;
     let net = s.network("default").await.expect("net");
     let i = s
-        .create_instance(&admin, &new_instance("vm1", &img.id, &net.id), |_, _| Ok(host.id.clone()))
+        .create_instance(&admin, &new_instance("vm1", &img.id, &net.id), |_, _| {
+            Ok(host.id.clone())
+        })
         .await
         .expect("create");
-    assert!(matches!(s.instance(&bob, &i.id).await, Err(StoreError::NotFound { .. })));
-    assert!(matches!(s.instance(&bob, "vm1").await, Err(StoreError::NotFound { .. })));
-    assert!(s.instances(&bob, None, None, None).await.expect("list").0.is_empty());
-    assert!(matches!(s.image(&bob, &img.id).await, Err(StoreError::NotFound { .. })));
+    assert!(matches!(
+        s.instance(&bob, &i.id).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        s.instance(&bob, "vm1").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(s
+        .instances(&bob, None, None, None)
+        .await
+        .expect("list")
+        .0
+        .is_empty());
+    assert!(matches!(
+        s.image(&bob, &img.id).await,
+        Err(StoreError::NotFound { .. })
+    ));
     let r = s.update_instance(&bob, &i.id, |_| Ok(None)).await;
     assert!(matches!(r, Err(StoreError::NotFound { .. })));
-    assert_eq!(s.instances(&admin, None, None, None).await.expect("list").0.len(), 1);
+    assert_eq!(
+        s.instances(&admin, None, None, None)
+            .await
+            .expect("list")
+            .0
+            .len(),
+        1
+    );
 }
 
 #[tokio::test]
 async fn addresses_are_unique_and_released() {
     let (s, b) = setup().await;
     let admin = b.access_key.scope();
-    let host = s.register_host("h1", "http://x", "site1", &info()).await.expect("host");
+    let host = s
+        .register_host("h1", "http://x", "site1", &info())
+        .await
+        .expect("host");
     let img = image(&s, &admin, "img").await;
     let net = s.network("default").await.expect("net");
-    let a = s.create_instance(&admin, &new_instance("a", &img.id, &net.id), |_, _| Ok(host.id.clone())).await.expect("a");
-    let c = s.create_instance(&admin, &new_instance("c", &img.id, &net.id), |_, _| Ok(host.id.clone())).await.expect("c");
+    let a = s
+        .create_instance(&admin, &new_instance("a", &img.id, &net.id), |_, _| {
+            Ok(host.id.clone())
+        })
+        .await
+        .expect("a");
+    let c = s
+        .create_instance(&admin, &new_instance("c", &img.id, &net.id), |_, _| {
+            Ok(host.id.clone())
+        })
+        .await
+        .expect("c");
     assert_ne!(a.private_ip, c.private_ip);
     assert_ne!(a.mac, c.mac);
     assert_eq!(a.private_ip, "10.9.0.10");
-    let dup = s.create_instance(&admin, &new_instance("a", &img.id, &net.id), |_, _| Ok(host.id.clone())).await;
+    let dup = s
+        .create_instance(&admin, &new_instance("a", &img.id, &net.id), |_, _| {
+            Ok(host.id.clone())
+        })
+        .await;
     assert!(matches!(dup, Err(StoreError::Conflict(_))));
     // Terminate a: its address becomes free again.
     s.update_instance(&admin, &a.id, |r| {
@@ -93,10 +163,18 @@ async fn addresses_are_unique_and_released() {
     .expect("terminate");
     let a2 = s.instance(&admin, &a.id).await.expect("a");
     assert!(s.instance_absent_on_host(&a2).await.expect("gone"));
-    let d = s.create_instance(&admin, &new_instance("d", &img.id, &net.id), |_, _| Ok(host.id.clone())).await.expect("d");
+    let d = s
+        .create_instance(&admin, &new_instance("d", &img.id, &net.id), |_, _| {
+            Ok(host.id.clone())
+        })
+        .await
+        .expect("d");
     assert_eq!(d.private_ip, "10.9.0.10");
     // Terminated instance ids stay in the store, so they are never reused.
-    assert_eq!(s.instance(&admin, &a.id).await.expect("kept").state, InstanceState::Terminated);
+    assert_eq!(
+        s.instance(&admin, &a.id).await.expect("kept").state,
+        InstanceState::Terminated
+    );
 }
 
 #[tokio::test]
@@ -105,30 +183,65 @@ async fn no_capacity_reserves_nothing() {
     let admin = b.access_key.scope();
     let img = image(&s, &admin, "img").await;
     let net = s.network("default").await.expect("net");
-    let r = s.create_instance(&admin, &new_instance("a", &img.id, &net.id), |_, _| Err("no host".into())).await;
+    let r = s
+        .create_instance(&admin, &new_instance("a", &img.id, &net.id), |_, _| {
+            Err("no host".into())
+        })
+        .await;
     assert!(matches!(r, Err(StoreError::NoCapacity(_))));
-    assert!(s.instances(&admin, None, None, None).await.expect("l").0.is_empty());
+    assert!(s
+        .instances(&admin, None, None, None)
+        .await
+        .expect("l")
+        .0
+        .is_empty());
 }
 
 #[tokio::test]
 async fn observations_follow_generations() {
     let (s, b) = setup().await;
     let admin = b.access_key.scope();
-    let host = s.register_host("h1", "http://x", "site1", &info()).await.expect("host");
+    let host = s
+        .register_host("h1", "http://x", "site1", &info())
+        .await
+        .expect("host");
     let img = image(&s, &admin, "img").await;
     let net = s.network("default").await.expect("net");
-    let i = s.create_instance(&admin, &new_instance("a", &img.id, &net.id), |_, _| Ok(host.id.clone())).await.expect("a");
+    let i = s
+        .create_instance(&admin, &new_instance("a", &img.id, &net.id), |_, _| {
+            Ok(host.id.clone())
+        })
+        .await
+        .expect("a");
     // A report for an older generation changes nothing.
-    let old = Observation { generation: 0, power: ObservedPower::Running, error: None };
+    let old = Observation {
+        generation: 0,
+        power: ObservedPower::Running,
+        error: None,
+    };
     assert_eq!(s.apply_observation(&i, &old).await.expect("obs"), None);
-    let cur = Observation { generation: i.generation, power: ObservedPower::Running, error: None };
-    assert_eq!(s.apply_observation(&i, &cur).await.expect("obs"), Some(InstanceState::Running));
+    let cur = Observation {
+        generation: i.generation,
+        power: ObservedPower::Running,
+        error: None,
+    };
+    assert_eq!(
+        s.apply_observation(&i, &cur).await.expect("obs"),
+        Some(InstanceState::Running)
+    );
     let i = s.instance(&admin, &i.id).await.expect("i");
     assert_eq!(i.observed_generation, i.generation);
     assert!(s.instances_to_push(10).await.expect("push").is_empty());
     // The guest powers itself off: the instance becomes stopped, and the new desired state is pushed.
-    let off = Observation { generation: i.generation, power: ObservedPower::Stopped, error: None };
-    assert_eq!(s.apply_observation(&i, &off).await.expect("obs"), Some(InstanceState::Stopped));
+    let off = Observation {
+        generation: i.generation,
+        power: ObservedPower::Stopped,
+        error: None,
+    };
+    assert_eq!(
+        s.apply_observation(&i, &off).await.expect("obs"),
+        Some(InstanceState::Stopped)
+    );
     let i = s.instance(&admin, &i.id).await.expect("i");
     assert_eq!(i.desired, "stopped");
     assert_eq!(s.instances_to_push(10).await.expect("push").len(), 1);
@@ -138,9 +251,19 @@ async fn observations_follow_generations() {
 async fn images_in_use_cannot_be_deleted() {
     let (s, b) = setup().await;
     let admin = b.access_key.scope();
-    let host = s.register_host("h1", "http://x", "site1", &info()).await.expect("host");
+    let host = s
+        .register_host("h1", "http://x", "site1", &info())
+        .await
+        .expect("host");
     let img = image(&s, &admin, "img").await;
     let net = s.network("default").await.expect("net");
-    s.create_instance(&admin, &new_instance("a", &img.id, &net.id), |_, _| Ok(host.id.clone())).await.expect("a");
-    assert!(matches!(s.delete_image(&admin, "img").await, Err(StoreError::Conflict(_))));
+    s.create_instance(&admin, &new_instance("a", &img.id, &net.id), |_, _| {
+        Ok(host.id.clone())
+    })
+    .await
+    .expect("a");
+    assert!(matches!(
+        s.delete_image(&admin, "img").await,
+        Err(StoreError::Conflict(_))
+    ));
 }

@@ -1,0 +1,116 @@
+//! Host registration and heartbeats: agents report what they observe, the controller alone
+//! writes the records.
+
+use kumo_store::{HostRow, Observation};
+use kumo_types::agent::{Heartbeat, RegisterRequest, RegisterResponse};
+use serde::{Deserialize, Serialize};
+
+use crate::{Controller, OpError};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// VMs the host has that the controller does not want anywhere: the agent removes them.
+    pub delete: Vec<String>,
+}
+
+impl Controller {
+    pub async fn register_host(&self, req: &RegisterRequest) -> Result<RegisterResponse, OpError> {
+        if !self.store.join_token_valid(&req.join_token).await? {
+            return Err(OpError::Invalid(
+                "the join token is wrong or revoked".into(),
+            ));
+        }
+        let host = self
+            .store
+            .register_host(&req.name, &req.address, &req.site, &req.info)
+            .await?;
+        self.system_event(
+            None,
+            "host.registered",
+            &host.id,
+            "ok",
+            Some(format!("{} at {}", host.name, host.address)),
+        )
+        .await;
+        Ok(RegisterResponse {
+            host_id: host.id,
+            host_secret: host.secret,
+        })
+    }
+
+    /// The host for an agent's credentials; `None` when they do not match.
+    pub async fn authenticate_host(
+        &self,
+        host_id: &str,
+        secret: &str,
+    ) -> Result<Option<HostRow>, OpError> {
+        match self.store.host(host_id).await {
+            Ok(h) if h.id == host_id && constant_eq(h.secret.as_bytes(), secret.as_bytes()) => {
+                Ok(Some(h))
+            }
+            Ok(_) | Err(kumo_store::StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn heartbeat(
+        &self,
+        host: &HostRow,
+        hb: &Heartbeat,
+    ) -> Result<HeartbeatResponse, OpError> {
+        self.store
+            .host_heartbeat(&host.id, &hb.address, &hb.info)
+            .await?;
+        if host.state == "down" {
+            self.system_event(None, "host.up", &host.id, "ok", None)
+                .await;
+        }
+        let mut live = self.store.instances_on_host(&host.id).await?;
+        let mut reported = std::collections::HashSet::new();
+        let mut delete = Vec::new();
+        for vm in &hb.vms {
+            reported.insert(vm.id.clone());
+            match live.iter().find(|r| r.id == vm.id) {
+                Some(row) => {
+                    let obs = Observation {
+                        generation: vm.generation,
+                        power: vm.power,
+                        error: vm.error.clone(),
+                    };
+                    if let Some(state) = self.store.apply_observation(row, &obs).await? {
+                        self.system_event(
+                            Some(&row.project_id),
+                            "instance.state",
+                            &row.id,
+                            state.as_str(),
+                            None,
+                        )
+                        .await;
+                    }
+                }
+                None => delete.push(vm.id.clone()),
+            }
+        }
+        for row in live.drain(..).filter(|r| !reported.contains(&r.id)) {
+            if self.store.instance_absent_on_host(&row).await? {
+                self.system_event(
+                    Some(&row.project_id),
+                    "instance.state",
+                    &row.id,
+                    "terminated",
+                    None,
+                )
+                .await;
+            }
+        }
+        if !delete.is_empty() {
+            tracing::info!(host = %host.id, vms = ?delete, "host has VMs the controller does not want; asking it to remove them");
+            self.wake();
+        }
+        Ok(HeartbeatResponse { delete })
+    }
+}
+
+fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

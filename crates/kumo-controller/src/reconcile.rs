@@ -1,0 +1,147 @@
+//! The reconciler: level-triggered and idempotent. It pushes every instance whose desired
+//! generation a host has not applied, and marks hosts that stopped heartbeating as down.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use kumo_store::{InstanceRow, Observation};
+use kumo_types::agent::{DesiredPower, ImageRef, NetworkDesired, NicDesired, VmDesired};
+
+use crate::{Controller, OpError};
+
+const TICK: Duration = Duration::from_secs(1);
+
+impl Controller {
+    pub(crate) async fn reconcile_loop(&self) {
+        loop {
+            if let Err(e) = self.reconcile_once().await {
+                tracing::warn!(error = %e, "reconcile pass failed");
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(TICK) => {}
+            }
+        }
+    }
+
+    /// One pass; safe to run any number of times.
+    pub async fn reconcile_once(&self) -> Result<(), OpError> {
+        let cutoff = chrono::Utc::now()
+            - chrono::Duration::from_std(self.cfg.heartbeat_timeout).unwrap_or_default();
+        for id in self.store.mark_stale_hosts_down(cutoff).await? {
+            tracing::warn!(host = %id, "no heartbeat; host is down");
+            self.system_event(
+                None,
+                "host.down",
+                &id,
+                "ok",
+                Some("missed heartbeats".into()),
+            )
+            .await;
+        }
+        let rows = self.store.instances_to_push(500).await?;
+        futures::stream::iter(rows)
+            .for_each_concurrent(16, |row| async move {
+                if let Err(e) = self.push(&row).await {
+                    tracing::debug!(instance = %row.id, error = %e, "push failed; will retry");
+                    let _ = self.store.record_push_error(&row.id, &e.to_string()).await;
+                }
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn push(&self, row: &InstanceRow) -> Result<(), OpError> {
+        let Some(host_id) = &row.host_id else {
+            return Ok(());
+        };
+        let host = self.store.host(host_id).await?;
+        if host.state == "down" || host.state == "fenced" {
+            return Ok(());
+        }
+        if row.desired == "terminated" {
+            self.agents()
+                .delete_vm(&host.address, &host.secret, &row.id)
+                .await?;
+            if self.store.instance_absent_on_host(row).await? {
+                self.system_event(
+                    Some(&row.project_id),
+                    "instance.state",
+                    &row.id,
+                    "terminated",
+                    None,
+                )
+                .await;
+            }
+            return Ok(());
+        }
+        let spec = self.desired_spec(row).await?;
+        let observed = self
+            .agents()
+            .put_vm(&host.address, &host.secret, &spec)
+            .await?;
+        let obs = Observation {
+            generation: observed.generation,
+            power: observed.power,
+            error: observed.error,
+        };
+        if let Some(state) = self.store.apply_observation(row, &obs).await? {
+            self.system_event(
+                Some(&row.project_id),
+                "instance.state",
+                &row.id,
+                state.as_str(),
+                None,
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    pub async fn desired_spec(&self, row: &InstanceRow) -> Result<VmDesired, OpError> {
+        let image = self.store.image_unscoped(&row.image_id).await?;
+        let image_ref = |img: &kumo_store::ImageRow| ImageRef {
+            id: img.id.clone(),
+            sha256: img.sha256.clone().unwrap_or_default(),
+            size: img.file_size.unwrap_or(0),
+            controller_path: img.path.clone(),
+        };
+        let kernel = match &image.kernel_id {
+            Some(k) => Some(image_ref(&self.store.image_unscoped(k).await?)),
+            None => None,
+        };
+        let ramdisk = match &image.ramdisk_id {
+            Some(k) => Some(image_ref(&self.store.image_unscoped(k).await?)),
+            None => None,
+        };
+        let network = self.store.network(&row.network_id).await?;
+        Ok(VmDesired {
+            id: row.id.clone(),
+            name: row.name.clone(),
+            generation: row.generation,
+            power: if row.desired == "running" {
+                DesiredPower::Running
+            } else {
+                DesiredPower::Stopped
+            },
+            reboot_seq: row.reboot_seq,
+            vcpus: row.vcpus,
+            memory_mib: row.memory_mib,
+            disk_gib: row.disk_gib,
+            image: image_ref(&image),
+            kernel,
+            ramdisk,
+            cmdline: image.cmdline.clone(),
+            nic: NicDesired {
+                mac: row.mac.clone(),
+                ip: row.private_ip.clone(),
+                network: NetworkDesired {
+                    id: network.id,
+                    name: network.name,
+                    cidr: network.cidr,
+                    gateway: network.gateway,
+                },
+            },
+        })
+    }
+}

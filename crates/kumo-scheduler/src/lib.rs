@@ -1,0 +1,210 @@
+//! Placement as a pure function: every host is either refused with a reason or scored, so a
+//! failed placement explains itself. The store applies the decision atomically.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone)]
+pub struct HostView {
+    pub id: String,
+    pub name: String,
+    pub site: String,
+    pub state: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub used_vcpus: u32,
+    pub used_memory_mib: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub site: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Virtual CPUs per physical CPU.
+    pub cpu_overcommit: f64,
+    /// Guest memory per MiB of host memory.
+    pub memory_overcommit: f64,
+    /// Host memory kept for the host itself (agent, QEMU overhead, page cache).
+    pub reserved_memory_mib: u64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            cpu_overcommit: 4.0,
+            memory_overcommit: 1.0,
+            reserved_memory_mib: 512,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Verdict {
+    pub host_id: String,
+    pub host_name: String,
+    /// Why the host was refused, or `None` when it can take the instance.
+    pub refused: Option<String>,
+    /// Higher is better; only for hosts that can take it.
+    pub score: Option<f64>,
+}
+
+pub fn capacity(h: &HostView, p: &Policy) -> (u32, u64) {
+    let cpus = (f64::from(h.vcpus) * p.cpu_overcommit).floor() as u32;
+    let mem = ((h.memory_mib.saturating_sub(p.reserved_memory_mib)) as f64 * p.memory_overcommit)
+        .floor() as u64;
+    (cpus, mem)
+}
+
+fn judge(h: &HostView, r: &Request, p: &Policy) -> Result<f64, String> {
+    if h.state != "up" {
+        return Err(format!("host is {}", h.state));
+    }
+    if let Some(site) = &r.site {
+        if &h.site != site {
+            return Err(format!("host is in site {}, not {site}", h.site));
+        }
+    }
+    let (cpus, mem) = capacity(h, p);
+    if r.vcpus > cpus {
+        return Err(format!("needs {} vCPUs, host has {cpus} in all", r.vcpus));
+    }
+    if r.memory_mib > mem {
+        return Err(format!(
+            "needs {} MiB, host has {mem} MiB for guests in all",
+            r.memory_mib
+        ));
+    }
+    if h.used_vcpus + r.vcpus > cpus {
+        return Err(format!(
+            "needs {} vCPUs, {} of {cpus} free",
+            r.vcpus,
+            cpus.saturating_sub(h.used_vcpus)
+        ));
+    }
+    if h.used_memory_mib + r.memory_mib > mem {
+        return Err(format!(
+            "needs {} MiB, {} of {mem} MiB free",
+            r.memory_mib,
+            mem.saturating_sub(h.used_memory_mib)
+        ));
+    }
+    // Spread: prefer the host with the most free memory left afterwards.
+    Ok((mem - h.used_memory_mib - r.memory_mib) as f64 / mem.max(1) as f64)
+}
+
+/// Judge every host. The caller picks the best with [`choose`].
+pub fn explain(hosts: &[HostView], r: &Request, p: &Policy) -> Vec<Verdict> {
+    hosts
+        .iter()
+        .map(|h| {
+            let v = judge(h, r, p);
+            Verdict {
+                host_id: h.id.clone(),
+                host_name: h.name.clone(),
+                refused: v.as_ref().err().cloned(),
+                score: v.ok(),
+            }
+        })
+        .collect()
+}
+
+/// The best host, or an error that lists why each host was refused.
+pub fn choose(hosts: &[HostView], r: &Request, p: &Policy) -> Result<String, String> {
+    if hosts.is_empty() {
+        return Err("there are no hosts; start an agent (kumo agent) first".into());
+    }
+    let verdicts = explain(hosts, r, p);
+    let best = verdicts
+        .iter()
+        .filter_map(|v| v.score.map(|s| (s, v)))
+        .max_by(|a, b| {
+            a.0.total_cmp(&b.0)
+                .then_with(|| b.1.host_name.cmp(&a.1.host_name))
+        });
+    match best {
+        Some((_, v)) => Ok(v.host_id.clone()),
+        None => Err(verdicts
+            .iter()
+            .map(|v| {
+                format!(
+                    "{}: {}",
+                    v.host_name,
+                    v.refused.as_deref().unwrap_or("refused")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, vcpus: u32, mem: u64, used_mem: u64) -> HostView {
+        HostView {
+            id: format!("host-{name}"),
+            name: name.into(),
+            site: "s1".into(),
+            state: "up".into(),
+            vcpus,
+            memory_mib: mem,
+            used_vcpus: 0,
+            used_memory_mib: used_mem,
+        }
+    }
+
+    fn req(vcpus: u32, mem: u64) -> Request {
+        Request {
+            vcpus,
+            memory_mib: mem,
+            site: None,
+        }
+    }
+
+    #[test]
+    fn picks_the_emptiest_host() {
+        let hosts = [host("a", 2, 4096, 2048), host("b", 2, 4096, 0)];
+        assert_eq!(
+            choose(&hosts, &req(1, 512), &Policy::default()),
+            Ok("host-b".into())
+        );
+    }
+
+    #[test]
+    fn refusals_name_every_reason() {
+        let mut down = host("c", 2, 8192, 0);
+        down.state = "down".into();
+        let hosts = [host("a", 2, 4096, 3500), down];
+        let err = choose(&hosts, &req(1, 1024), &Policy::default()).unwrap_err();
+        assert!(
+            err.contains("a: needs 1024 MiB, 84 of 3584 MiB free"),
+            "{err}"
+        );
+        assert!(err.contains("c: host is down"), "{err}");
+        let err = choose(&hosts, &req(64, 128), &Policy::default()).unwrap_err();
+        assert!(err.contains("needs 64 vCPUs, host has 8 in all"), "{err}");
+    }
+
+    #[test]
+    fn site_is_a_filter() {
+        let hosts = [host("a", 2, 4096, 0)];
+        let r = Request {
+            site: Some("s2".into()),
+            ..req(1, 128)
+        };
+        let err = choose(&hosts, &r, &Policy::default()).unwrap_err();
+        assert!(err.contains("site s1, not s2"));
+    }
+
+    #[test]
+    fn no_hosts_says_what_to_do() {
+        assert!(choose(&[], &req(1, 1), &Policy::default())
+            .unwrap_err()
+            .contains("no hosts"));
+    }
+}
