@@ -1,0 +1,108 @@
+//! The agent owns one host. The controller PUTs whole desired VM specs (idempotent, guarded by
+//! generation numbers); one worker per VM converges the host to them; heartbeats report what
+//! the agent observes. The agent keeps a small local ledger so it can restart without
+//! touching running VMs: QEMU keeps running and the driver re-attaches to it.
+
+mod disks;
+mod error;
+mod heartbeat;
+mod http;
+mod ledger;
+mod vms;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::AgentError;
+use kumo_hypervisor::Hypervisor;
+use kumo_network::HostNetwork;
+use kumo_types::agent::HostInfo;
+pub use ledger::Identity;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub controller: String,
+    pub join_token: Option<String>,
+    pub name: String,
+    pub site: String,
+    /// Address the agent listens on.
+    pub listen: std::net::SocketAddr,
+    /// URL the controller uses to reach this agent; derived from the bound address if absent.
+    pub advertise: Option<String>,
+    /// `qemu` or `sim`.
+    pub hypervisor: String,
+    pub accel: kumo_hypervisor::AccelChoice,
+    /// Run VM networks (bridges, taps, dnsmasq) and QEMU inside this network namespace.
+    pub vm_netns: Option<String>,
+    pub heartbeat_interval: Duration,
+    /// How long a graceful stop waits for the guest before forcing it off.
+    pub stop_timeout: Duration,
+}
+
+pub struct Agent {
+    cfg: Config,
+    hv: Arc<dyn Hypervisor>,
+    net: Option<HostNetwork>,
+    identity: Identity,
+    address: String,
+    info: HostInfo,
+    vms: vms::Vms,
+    http: reqwest::Client,
+    beat: tokio::sync::Notify,
+}
+
+impl Agent {
+    pub fn info(&self) -> &HostInfo {
+        &self.info
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+}
+
+/// Start an agent: bind, register (first time) or load its identity, re-attach to running
+/// VMs, then serve and heartbeat until the process ends. Returns once serving has started.
+pub async fn start(cfg: Config) -> Result<Arc<Agent>, AgentError> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| AgentError::io(format!("binding {}", cfg.listen), e))?;
+    let bound = listener.local_addr().map_err(|e| AgentError::io("reading bound address", e))?;
+    let address = cfg.advertise.clone().unwrap_or_else(|| format!("http://{bound}"));
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| AgentError::io(format!("creating {}", cfg.data_dir.display()), e))?;
+
+    let hv: Arc<dyn Hypervisor> = match cfg.hypervisor.as_str() {
+        "qemu" => Arc::new(kumo_hypervisor::QemuDriver::new(cfg.data_dir.join("run"), cfg.accel).await?),
+        "sim" => Arc::new(kumo_hypervisor::SimDriver::new(cfg.data_dir.join("run"))),
+        other => return Err(AgentError::Config(format!("unknown hypervisor {other:?}; use qemu or sim"))),
+    };
+    let net = if cfg.hypervisor == "qemu" {
+        Some(HostNetwork::new(cfg.vm_netns.clone(), cfg.data_dir.join("net")).await?)
+    } else {
+        None
+    };
+    let info = heartbeat::host_info(hv.as_ref()).await;
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| AgentError::Controller(format!("building HTTP client: {e}")))?;
+    let identity = heartbeat::identity(&cfg, &http, &address, &info).await?;
+    let vms = vms::Vms::load(&cfg.data_dir)?;
+    let agent = Arc::new(Agent { cfg, hv, net, identity, address, info, vms, http, beat: tokio::sync::Notify::new() });
+    agent.resume().await;
+    let app = http::router(agent.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "agent HTTP server stopped");
+        }
+    });
+    let a = agent.clone();
+    tokio::spawn(async move { a.heartbeat_loop().await });
+    let a = agent.clone();
+    tokio::spawn(async move { a.network_loop().await });
+    tracing::info!(host = %agent.identity.host_id, address = %agent.address, hypervisor = agent.hv.name(), accel = %agent.info.accel, "agent ready");
+    Ok(agent)
+}

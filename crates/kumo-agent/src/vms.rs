@@ -1,0 +1,303 @@
+//! The VMs of this host: accepted specs, and one convergence worker per VM.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kumo_hypervisor::{DiskSpec, NicSpec, PowerState, VmSpec};
+use kumo_network::{NetworkSpec, PortSpec};
+use kumo_types::agent::{DesiredPower, ObservedPower, VmDesired, VmObserved};
+use tokio::sync::{Mutex, Notify};
+
+use crate::error::chain;
+use crate::ledger::{self, VmRecord};
+use crate::{Agent, AgentError};
+
+pub struct VmEntry {
+    pub rec: VmRecord,
+    /// A worker is converging the VM to `rec.desired`.
+    pub converging: bool,
+    pub wake: Arc<Notify>,
+    /// Held while converging or deleting, so a delete never races a start.
+    pub op: Arc<Mutex<()>>,
+}
+
+#[derive(Default)]
+pub struct Vms {
+    pub map: Mutex<HashMap<String, VmEntry>>,
+}
+
+impl Vms {
+    pub fn load(data_dir: &Path) -> Result<Vms, AgentError> {
+        let mut map = HashMap::new();
+        for rec in ledger::load_vms(data_dir)? {
+            let converging = rec.applied_generation < rec.desired.generation;
+            map.insert(rec.desired.id.clone(), VmEntry { rec, converging, wake: Arc::new(Notify::new()), op: Arc::default() });
+        }
+        Ok(Vms { map: Mutex::new(map) })
+    }
+}
+
+/// Bridge name for a network: short and stable.
+fn bridge_name(network_id: &str) -> String {
+    let tail: String = network_id.chars().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
+    format!("kb-{tail}")
+}
+
+impl Agent {
+    pub(crate) fn vm_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("vms").join(id)
+    }
+
+    /// After a restart: start a worker for every VM in the ledger. Running VMs stay as they are.
+    pub(crate) async fn resume(self: &Arc<Self>) {
+        let ids: Vec<(String, Arc<Notify>)> = self.vms.map.lock().await.iter().map(|(k, v)| (k.clone(), v.wake.clone())).collect();
+        for (id, wake) in ids {
+            self.spawn_worker(id, wake);
+        }
+        if let Err(e) = self.apply_network().await {
+            tracing::warn!(error = %chain(&e), "network apply at start-up failed");
+        }
+    }
+
+    fn spawn_worker(self: &Arc<Self>, id: String, wake: Arc<Notify>) {
+        let me = self.clone();
+        tokio::spawn(async move { me.worker(id, wake).await });
+    }
+
+    /// Accept a desired spec. Older generations are ignored; returns what the agent observes.
+    pub async fn put_vm(self: &Arc<Self>, spec: VmDesired) -> Result<VmObserved, AgentError> {
+        let mut new_vm = None;
+        {
+            let mut map = self.vms.map.lock().await;
+            match map.get_mut(&spec.id) {
+                Some(e) if spec.generation <= e.rec.desired.generation => {}
+                Some(e) => {
+                    e.rec.desired = spec.clone();
+                    e.converging = true;
+                    ledger::save_vm(&self.cfg.data_dir, &e.rec)?;
+                    e.wake.notify_one();
+                }
+                None => {
+                    let rec = VmRecord { desired: spec.clone(), applied_generation: 0, applied_reboot_seq: spec.reboot_seq, error: None };
+                    ledger::save_vm(&self.cfg.data_dir, &rec)?;
+                    let wake = Arc::new(Notify::new());
+                    map.insert(spec.id.clone(), VmEntry { rec, converging: true, wake: wake.clone(), op: Arc::default() });
+                    new_vm = Some(wake);
+                }
+            }
+        }
+        if let Some(wake) = new_vm {
+            self.spawn_worker(spec.id.clone(), wake);
+        }
+        self.observe(&spec.id).await.ok_or_else(|| AgentError::Config("VM vanished while being accepted".into()))
+    }
+
+    /// What the agent observes of one VM.
+    pub async fn observe(&self, id: &str) -> Option<VmObserved> {
+        let (rec, converging) = {
+            let map = self.vms.map.lock().await;
+            let e = map.get(id)?;
+            (e.rec.clone(), e.converging)
+        };
+        let actual = self.hv.state(id).await.unwrap_or(PowerState::Stopped);
+        let power = if converging {
+            match rec.desired.power {
+                DesiredPower::Running => ObservedPower::Starting,
+                DesiredPower::Stopped => ObservedPower::Stopping,
+            }
+        } else if rec.error.is_some() && actual == PowerState::Stopped {
+            ObservedPower::Failed
+        } else {
+            match actual {
+                PowerState::Running | PowerState::Paused => ObservedPower::Running,
+                PowerState::Stopped => ObservedPower::Stopped,
+            }
+        };
+        Some(VmObserved { id: id.to_string(), generation: rec.desired.generation, power, reboot_seq: rec.applied_reboot_seq, error: rec.error })
+    }
+
+    pub async fn observe_all(&self) -> Vec<VmObserved> {
+        let ids: Vec<String> = self.vms.map.lock().await.keys().cloned().collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(o) = self.observe(&id).await {
+                out.push(o);
+            }
+        }
+        out
+    }
+
+    async fn worker(self: Arc<Self>, id: String, wake: Arc<Notify>) {
+        loop {
+            let job = {
+                let map = self.vms.map.lock().await;
+                match map.get(&id) {
+                    None => return,
+                    Some(e) if e.converging => Some((e.rec.clone(), e.op.clone())),
+                    Some(_) => None,
+                }
+            };
+            if let Some((rec, op)) = job {
+                let guard = op.lock().await;
+                if !self.vms.map.lock().await.contains_key(&id) {
+                    return; // deleted while we waited
+                }
+                let result = self.converge(&rec).await;
+                drop(guard);
+                let error = result.err().map(|e| chain(&e));
+                if let Some(err) = &error {
+                    tracing::warn!(vm = %id, error = %err, "could not converge VM");
+                }
+                let mut map = self.vms.map.lock().await;
+                let Some(e) = map.get_mut(&id) else { return };
+                e.rec.applied_generation = rec.desired.generation;
+                e.rec.applied_reboot_seq = e.rec.applied_reboot_seq.max(rec.desired.reboot_seq);
+                e.rec.error = error;
+                // A newer spec may have arrived while converging; go round again.
+                e.converging = e.rec.desired.generation > rec.desired.generation;
+                if let Err(err) = ledger::save_vm(&self.cfg.data_dir, &e.rec) {
+                    tracing::warn!(vm = %id, error = %chain(&err), "could not save ledger");
+                }
+                drop(map);
+                self.beat.notify_one();
+                continue;
+            }
+            wake.notified().await;
+        }
+    }
+
+    async fn converge(&self, rec: &VmRecord) -> Result<(), AgentError> {
+        let d = &rec.desired;
+        match d.power {
+            DesiredPower::Running => {
+                let running = self.hv.state(&d.id).await? != PowerState::Stopped;
+                if !running {
+                    let spec = self.prepare(d).await?;
+                    self.hv.start(&spec).await?;
+                } else if d.reboot_seq > rec.applied_reboot_seq {
+                    self.hv.reboot(&d.id).await?;
+                }
+            }
+            DesiredPower::Stopped => {
+                self.hv.stop(&d.id, self.cfg.stop_timeout).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Disk, network and the hypervisor spec for a VM about to start.
+    async fn prepare(&self, d: &VmDesired) -> Result<VmSpec, AgentError> {
+        if self.hv.name() == "sim" {
+            return Ok(VmSpec { id: d.id.clone(), vcpus: d.vcpus, memory_mib: d.memory_mib, disks: vec![], nics: vec![], kernel: None, initrd: None, cmdline: None, netns: None });
+        }
+        let dir = self.vm_dir(&d.id);
+        tokio::fs::create_dir_all(&dir).await.map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
+        let base = self.cached_image(&d.image).await?;
+        let root = dir.join("root.qcow2");
+        if tokio::fs::metadata(&root).await.is_err() {
+            let size = d.disk_gib.saturating_mul(1 << 30).max(d.image.size);
+            kumo_storage::create_overlay(&base, &root, Some(size)).await?;
+        }
+        let kernel = match &d.kernel {
+            Some(k) => Some(self.cached_image(k).await?),
+            None => None,
+        };
+        let initrd = match &d.ramdisk {
+            Some(k) => Some(self.cached_image(k).await?),
+            None => None,
+        };
+        self.apply_network().await?;
+        let cmdline = kernel.as_ref().map(|_| {
+            let base = d.cmdline.clone().unwrap_or_else(|| "console=ttyS0".into());
+            format!("{base} kumo.id={} kumo.hostname={}", d.id, d.name)
+        });
+        Ok(VmSpec {
+            id: d.id.clone(),
+            vcpus: d.vcpus,
+            memory_mib: d.memory_mib,
+            disks: vec![DiskSpec { path: root, format: "qcow2".into(), serial: Some(d.id.clone()), read_only: false }],
+            nics: vec![NicSpec { mac: d.nic.mac.clone(), tap: kumo_network::tap_name(&d.id) }],
+            kernel,
+            initrd,
+            cmdline,
+            netns: self.cfg.vm_netns.clone(),
+        })
+    }
+
+    /// Render the host's networks from every VM the agent has; returns the repairs made.
+    pub(crate) async fn apply_network(&self) -> Result<Vec<String>, AgentError> {
+        let Some(net) = &self.net else { return Ok(vec![]) };
+        let mut nets: HashMap<String, (NetworkSpec, Vec<PortSpec>)> = HashMap::new();
+        for e in self.vms.map.lock().await.values() {
+            let n = &e.rec.desired.nic;
+            let entry = nets.entry(n.network.id.clone()).or_insert_with(|| {
+                (NetworkSpec { name: n.network.name.clone(), bridge: bridge_name(&n.network.id), cidr: n.network.cidr.clone(), gateway: n.network.gateway.clone(), mtu: None }, vec![])
+            });
+            entry.1.push(PortSpec { tap: kumo_network::tap_name(&e.rec.desired.id), mac: n.mac.clone(), ip: n.ip.clone(), hostname: e.rec.desired.name.clone() });
+        }
+        let mut list: Vec<_> = nets.into_values().collect();
+        list.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        Ok(net.apply(&list).await?)
+    }
+
+    /// Remove a VM and everything it has on this host. Idempotent.
+    pub async fn delete_vm(&self, id: &str) -> Result<(), AgentError> {
+        let op = self.vms.map.lock().await.get(id).map(|e| e.op.clone());
+        let _guard = match &op {
+            Some(op) => Some(op.lock().await),
+            None => None,
+        };
+        self.hv.kill(id).await?;
+        self.hv.cleanup(id).await?;
+        let dir = self.vm_dir(id);
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(AgentError::io(format!("removing {}", dir.display()), e)),
+        }
+        let existed = {
+            let mut map = self.vms.map.lock().await;
+            let e = map.remove(id);
+            if let Some(e) = &e {
+                e.wake.notify_one();
+            }
+            e.is_some()
+        };
+        ledger::remove_vm(&self.cfg.data_dir, id)?;
+        if existed {
+            self.apply_network().await?;
+        }
+        self.beat.notify_one();
+        Ok(())
+    }
+
+    pub fn console_log(&self, id: &str) -> PathBuf {
+        self.hv.console_log(id)
+    }
+
+    pub fn serial_socket(&self, id: &str) -> PathBuf {
+        self.hv.serial_socket(id)
+    }
+
+    pub async fn vm_ip(&self, id: &str) -> Option<String> {
+        self.vms.map.lock().await.get(id).map(|e| e.rec.desired.nic.ip.clone())
+    }
+
+    pub fn network(&self) -> Option<&kumo_network::HostNetwork> {
+        self.net.as_ref()
+    }
+
+    /// Periodic re-render of the network, so drift (a killed dnsmasq, a deleted tap) is repaired.
+    pub(crate) async fn network_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(15)).await;
+            match self.apply_network().await {
+                Ok(r) if !r.is_empty() => tracing::warn!(repairs = ?r, "repaired network drift"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %chain(&e), "network apply failed"),
+            }
+        }
+    }
+}
+

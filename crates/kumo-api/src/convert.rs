@@ -1,0 +1,94 @@
+//! Store rows to API models.
+
+use kumo_store::{EventRow, HostRow, HostUsage, ImageRow, InstanceRow, OperationRow};
+use kumo_types::api::{Event, Host, Image, Instance, Operation};
+
+pub fn instance(r: InstanceRow) -> Instance {
+    Instance {
+        id: r.id,
+        name: r.name,
+        project_id: r.project_id,
+        image_id: r.image_id,
+        instance_type: r.instance_type,
+        vcpus: r.vcpus,
+        memory_mib: r.memory_mib,
+        disk_gib: r.disk_gib,
+        state: r.state,
+        desired: r.desired,
+        host_id: r.host_id,
+        private_ip: Some(r.private_ip),
+        mac: Some(r.mac),
+        generation: r.generation,
+        last_error: r.last_error,
+        created_at: r.created_at,
+        updated_at: r.updated_at,
+        terminated_at: r.terminated_at,
+    }
+}
+
+pub fn image(r: ImageRow) -> Image {
+    Image {
+        id: r.id,
+        name: r.name,
+        kind: r.kind,
+        state: r.state,
+        public: r.public,
+        source_format: r.source_format,
+        virtual_size: r.virtual_size,
+        file_size: r.file_size,
+        sha256: r.sha256,
+        kernel_id: r.kernel_id,
+        ramdisk_id: r.ramdisk_id,
+        cmdline: r.cmdline,
+        error: r.error,
+        created_at: r.created_at,
+    }
+}
+
+pub fn host(r: HostRow, u: Option<&HostUsage>) -> Host {
+    let u = u.cloned().unwrap_or_default();
+    Host {
+        id: r.id,
+        name: r.name,
+        site: r.site,
+        state: r.state,
+        address: r.address,
+        vcpus: r.vcpus,
+        memory_mib: r.memory_mib,
+        hypervisor: r.hypervisor,
+        accel: r.accel,
+        qemu_version: r.qemu_version,
+        used_vcpus: u.vcpus,
+        used_memory_mib: u.memory_mib,
+        instances: u.instances,
+        last_heartbeat: r.last_heartbeat,
+        created_at: r.created_at,
+    }
+}
+
+pub fn operation(r: OperationRow) -> Operation {
+    Operation {
+        id: r.id,
+        kind: r.kind,
+        target_id: r.target_id,
+        state: r.state,
+        progress: r.progress,
+        error: r.error,
+        created_at: r.created_at,
+        updated_at: r.updated_at,
+    }
+}
+
+pub fn event(r: EventRow) -> Event {
+    Event {
+        id: r.id,
+        time: r.time,
+        project_id: r.project_id,
+        user_id: r.user_id,
+        action: r.action,
+        target: r.target,
+        result: r.result,
+        request_id: r.request_id,
+        detail: r.detail,
+    }
+}

@@ -1,0 +1,78 @@
+//! kumo's native REST API under `/api/v1`. Handlers are thin: they translate HTTP into
+//! controller operations. The OpenAPI document is generated from this code.
+
+mod agent;
+pub mod auth;
+mod convert;
+pub mod error;
+mod images;
+mod instances;
+mod misc;
+mod streams;
+
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use kumo_controller::Controller;
+use utoipa::OpenApi;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub ctl: Controller,
+    /// The SigV4 region requests must be signed for.
+    pub region: String,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "kumo", description = "kumo's native API. Every request is signed with AWS Signature Version 4 (service `kumo`). Errors are `{\"error\": {\"code\", \"message\", \"request_id\"}}`."),
+    paths(
+        instances::list, instances::create, instances::show, instances::update, instances::terminate,
+        instances::start, instances::stop, instances::reboot, instances::console,
+        images::list, images::show, images::import, images::upload, images::delete,
+        misc::hosts, misc::host, misc::instance_types, misc::operations, misc::operation, misc::events, misc::whoami,
+    ),
+    components(schemas(images::ImageWithOperation)),
+    tags((name = "instances"), (name = "images"), (name = "hosts"), (name = "operations"), (name = "events"), (name = "auth"))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document, pretty-printed as committed in `openapi/kumo.json`.
+pub fn openapi_json() -> String {
+    ApiDoc::openapi().to_pretty_json().unwrap_or_default()
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/api/v1/instances", get(instances::list).post(instances::create))
+        .route("/api/v1/instances/{id}", get(instances::show).patch(instances::update).delete(instances::terminate))
+        .route("/api/v1/instances/{id}/start", post(instances::start))
+        .route("/api/v1/instances/{id}/stop", post(instances::stop))
+        .route("/api/v1/instances/{id}/reboot", post(instances::reboot))
+        .route("/api/v1/instances/{id}/console", get(instances::console))
+        .route("/api/v1/instances/{id}/serial", get(streams::serial))
+        .route("/api/v1/instances/{id}/tcp/{port}", get(streams::tcp))
+        .route("/api/v1/images", get(images::list).post(images::import))
+        .route("/api/v1/images/upload", put(images::upload))
+        .route("/api/v1/images/{id}", get(images::show).delete(images::delete))
+        .route("/api/v1/hosts", get(misc::hosts))
+        .route("/api/v1/hosts/{id}", get(misc::host))
+        .route("/api/v1/instance-types", get(misc::instance_types))
+        .route("/api/v1/operations", get(misc::operations))
+        .route("/api/v1/operations/{id}", get(misc::operation))
+        .route("/api/v1/events", get(misc::events))
+        .route("/api/v1/whoami", get(misc::whoami))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/agent/register", post(agent::register))
+        .route("/api/v1/agent/heartbeat", post(agent::heartbeat))
+        .route("/api/v1/agent/images/{id}", get(agent::image_content))
+        .route("/healthz", get(|| async { "ok" }))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::pipeline));
+    api.fallback(|| async {
+        error::ApiError::new(axum::http::StatusCode::NOT_FOUND, "NotFound", "no such API path")
+    })
+    .with_state(state)
+}
