@@ -12,7 +12,9 @@ use crate::{Agent, AgentError};
 impl Agent {
     pub(crate) async fn cached_image(&self, img: &ImageRef) -> Result<PathBuf, AgentError> {
         let dir = self.cfg.data_dir.join("images");
-        tokio::fs::create_dir_all(&dir).await.map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
         let path = dir.join(&img.id);
         if tokio::fs::metadata(&path).await.is_ok() {
             return Ok(path);
@@ -30,13 +32,22 @@ impl Agent {
 
     async fn download_image(&self, img: &ImageRef, path: &PathBuf) -> Result<(), AgentError> {
         use sha2::{Digest, Sha256};
-        let url = format!("{}/api/v1/agent/images/{}", self.identity.controller, img.id);
+        let url = format!(
+            "{}/api/v1/agent/images/{}",
+            self.identity.controller, img.id
+        );
         let tmp = path.with_extension("download");
-        let fail = |reason: String| AgentError::Image { id: img.id.clone(), reason };
+        let fail = |reason: String| AgentError::Image {
+            id: img.id.clone(),
+            reason,
+        };
         let resp = self
             .http
             .get(&url)
-            .bearer_auth(format!("{}:{}", self.identity.host_id, self.identity.host_secret))
+            .bearer_auth(format!(
+                "{}:{}",
+                self.identity.host_id, self.identity.host_secret
+            ))
             .timeout(std::time::Duration::from_secs(3600))
             .send()
             .await
@@ -44,19 +55,28 @@ impl Agent {
         if !resp.status().is_success() {
             return Err(fail(format!("controller answered {}", resp.status())));
         }
-        let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| AgentError::io(format!("creating {}", tmp.display()), e))?;
+        let mut file = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| AgentError::io(format!("creating {}", tmp.display()), e))?;
         let mut hasher = Sha256::new();
         let mut stream = resp.bytes_stream();
         let result = async {
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(|e| fail(format!("download interrupted: {e}")))?;
                 hasher.update(&chunk);
-                file.write_all(&chunk).await.map_err(|e| AgentError::io(format!("writing {}", tmp.display()), e))?;
+                file.write_all(&chunk)
+                    .await
+                    .map_err(|e| AgentError::io(format!("writing {}", tmp.display()), e))?;
             }
-            file.sync_all().await.map_err(|e| AgentError::io(format!("writing {}", tmp.display()), e))?;
+            file.sync_all()
+                .await
+                .map_err(|e| AgentError::io(format!("writing {}", tmp.display()), e))?;
             let got = hex::encode(hasher.finalize());
             if got != img.sha256 {
-                return Err(fail(format!("checksum mismatch: expected {}, got {got}", img.sha256)));
+                return Err(fail(format!(
+                    "checksum mismatch: expected {}, got {got}",
+                    img.sha256
+                )));
             }
             Ok(())
         }
@@ -65,6 +85,8 @@ impl Agent {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);
         }
-        tokio::fs::rename(&tmp, path).await.map_err(|e| AgentError::io(format!("renaming {}", tmp.display()), e))
+        tokio::fs::rename(&tmp, path)
+            .await
+            .map_err(|e| AgentError::io(format!("renaming {}", tmp.display()), e))
     }
 }

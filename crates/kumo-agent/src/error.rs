@@ -24,7 +24,10 @@ pub enum AgentError {
 
 impl AgentError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        AgentError::Io { context: context.into(), source }
+        AgentError::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 

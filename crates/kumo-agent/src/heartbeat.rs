@@ -17,10 +17,17 @@ struct HeartbeatResponse {
 }
 
 pub(crate) async fn host_info(hv: &dyn Hypervisor) -> HostInfo {
-    let vcpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    let vcpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
     let memory_mib = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .map(|kib| kib / 1024)
         .unwrap_or(0);
     let qemu_version = if hv.name() == "qemu" {
@@ -30,7 +37,11 @@ pub(crate) async fn host_info(hv: &dyn Hypervisor) -> HostInfo {
             .await
             .ok()
             .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.lines().next().map(|l| l.trim_start_matches("QEMU emulator version ").to_string()))
+            .and_then(|s| {
+                s.lines()
+                    .next()
+                    .map(|l| l.trim_start_matches("QEMU emulator version ").to_string())
+            })
             .unwrap_or_default()
     } else {
         "sim".into()
@@ -39,42 +50,67 @@ pub(crate) async fn host_info(hv: &dyn Hypervisor) -> HostInfo {
         vcpus,
         memory_mib,
         hypervisor: hv.name().into(),
-        accel: hv.accel().map(|a| a.as_str().to_string()).unwrap_or_else(|| "none".into()),
+        accel: hv
+            .accel()
+            .map(|a| a.as_str().to_string())
+            .unwrap_or_else(|| "none".into()),
         qemu_version,
     }
 }
 
 /// This agent's identity: from its ledger, or by registering with the join token.
-pub(crate) async fn identity(cfg: &Config, http: &reqwest::Client, address: &str, info: &HostInfo) -> Result<Identity, AgentError> {
+pub(crate) async fn identity(
+    cfg: &Config,
+    http: &reqwest::Client,
+    address: &str,
+    info: &HostInfo,
+) -> Result<Identity, AgentError> {
     if let Some(id) = ledger::load_identity(&cfg.data_dir)? {
         return Ok(id);
     }
-    let token = cfg
-        .join_token
-        .clone()
-        .ok_or_else(|| AgentError::Config("this agent has not joined a controller yet; pass --join-token".into()))?;
-    let req = RegisterRequest { join_token: token, name: cfg.name.clone(), address: address.to_string(), site: cfg.site.clone(), info: info.clone() };
+    let token = cfg.join_token.clone().ok_or_else(|| {
+        AgentError::Config("this agent has not joined a controller yet; pass --join-token".into())
+    })?;
+    let req = RegisterRequest {
+        join_token: token,
+        name: cfg.name.clone(),
+        address: address.to_string(),
+        site: cfg.site.clone(),
+        info: info.clone(),
+    };
     let url = format!("{}/api/v1/agent/register", cfg.controller);
     let mut last = String::new();
     // The controller may still be starting: retry for a while.
     for _ in 0..30 {
         match http.post(&url).json(&req).send().await {
             Ok(r) if r.status().is_success() => {
-                let resp: RegisterResponse = r.json().await.map_err(|e| AgentError::Controller(format!("bad register response: {e}")))?;
-                let id = Identity { host_id: resp.host_id, host_secret: resp.host_secret, controller: cfg.controller.clone() };
+                let resp: RegisterResponse = r
+                    .json()
+                    .await
+                    .map_err(|e| AgentError::Controller(format!("bad register response: {e}")))?;
+                let id = Identity {
+                    host_id: resp.host_id,
+                    host_secret: resp.host_secret,
+                    controller: cfg.controller.clone(),
+                };
                 ledger::save_identity(&cfg.data_dir, &id)?;
                 return Ok(id);
             }
             Ok(r) => {
                 let status = r.status();
                 let body = r.text().await.unwrap_or_default();
-                return Err(AgentError::Controller(format!("registration refused ({status}): {body}")));
+                return Err(AgentError::Controller(format!(
+                    "registration refused ({status}): {body}"
+                )));
             }
             Err(e) => last = chain(&e),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Err(AgentError::Controller(format!("cannot reach the controller at {}: {last}", cfg.controller)))
+    Err(AgentError::Controller(format!(
+        "cannot reach the controller at {}: {last}",
+        cfg.controller
+    )))
 }
 
 impl Agent {
@@ -91,18 +127,29 @@ impl Agent {
     }
 
     pub async fn heartbeat_once(&self) -> Result<(), AgentError> {
-        let hb = Heartbeat { host_id: self.identity.host_id.clone(), address: self.address.clone(), info: self.info.clone(), vms: self.observe_all().await };
+        let hb = Heartbeat {
+            host_id: self.identity.host_id.clone(),
+            address: self.address.clone(),
+            info: self.info.clone(),
+            vms: self.observe_all().await,
+        };
         let url = format!("{}/api/v1/agent/heartbeat", self.identity.controller);
         let resp = self
             .http
             .post(&url)
-            .bearer_auth(format!("{}:{}", self.identity.host_id, self.identity.host_secret))
+            .bearer_auth(format!(
+                "{}:{}",
+                self.identity.host_id, self.identity.host_secret
+            ))
             .json(&hb)
             .send()
             .await
             .map_err(|e| AgentError::Controller(chain(&e)))?;
         if !resp.status().is_success() {
-            return Err(AgentError::Controller(format!("heartbeat answered {}", resp.status())));
+            return Err(AgentError::Controller(format!(
+                "heartbeat answered {}",
+                resp.status()
+            )));
         }
         let r: HeartbeatResponse = resp.json().await.unwrap_or_default();
         for id in r.delete {

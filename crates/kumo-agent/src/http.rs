@@ -47,8 +47,17 @@ pub fn router(agent: Arc<Agent>) -> Router {
 
 async fn auth(State(a): A, req: Request, next: Next) -> Response {
     let want = format!("Bearer {}:{}", a.identity.host_id, a.identity.host_secret);
-    let got = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
-    let ok = got.len() == want.len() && got.bytes().zip(want.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+    let got = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let ok = got.len() == want.len()
+        && got
+            .bytes()
+            .zip(want.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0;
     if !ok {
         return HttpError(StatusCode::UNAUTHORIZED, "wrong host credential".into()).into_response();
     }
@@ -59,16 +68,25 @@ async fn list(State(a): A) -> Json<Vec<VmObserved>> {
     Json(a.observe_all().await)
 }
 
-async fn put_vm(State(a): A, Path(id): Path<String>, Json(spec): Json<VmDesired>) -> Result<(StatusCode, Json<VmObserved>), HttpError> {
+async fn put_vm(
+    State(a): A,
+    Path(id): Path<String>,
+    Json(spec): Json<VmDesired>,
+) -> Result<(StatusCode, Json<VmObserved>), HttpError> {
     if spec.id != id {
-        return Err(HttpError(StatusCode::BAD_REQUEST, "the spec's id does not match the path".into()));
+        return Err(HttpError(
+            StatusCode::BAD_REQUEST,
+            "the spec's id does not match the path".into(),
+        ));
     }
-    kumo_hypervisor::validate_id(&id).map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    kumo_hypervisor::validate_id(&id)
+        .map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?;
     Ok((StatusCode::ACCEPTED, Json(a.put_vm(spec).await?)))
 }
 
 async fn delete_vm(State(a): A, Path(id): Path<String>) -> Result<StatusCode, HttpError> {
-    kumo_hypervisor::validate_id(&id).map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    kumo_hypervisor::validate_id(&id)
+        .map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?;
     a.delete_vm(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -78,44 +96,92 @@ struct ConsoleQuery {
     bytes: Option<u64>,
 }
 
-async fn console(State(a): A, Path(id): Path<String>, Query(q): Query<ConsoleQuery>) -> Result<Json<ConsoleTail>, HttpError> {
+async fn console(
+    State(a): A,
+    Path(id): Path<String>,
+    Query(q): Query<ConsoleQuery>,
+) -> Result<Json<ConsoleTail>, HttpError> {
     if a.observe(&id).await.is_none() {
-        return Err(HttpError(StatusCode::NOT_FOUND, format!("no VM {id} on this host")));
+        return Err(HttpError(
+            StatusCode::NOT_FOUND,
+            format!("no VM {id} on this host"),
+        ));
     }
     let path = a.console_log(&id);
     let want = q.bytes.unwrap_or(65536).min(1 << 20);
     let mut f = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
-        Err(_) => return Ok(Json(ConsoleTail { output: String::new() })),
+        Err(_) => {
+            return Ok(Json(ConsoleTail {
+                output: String::new(),
+            }))
+        }
     };
     let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
     let start = len.saturating_sub(want);
-    f.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    f.seek(std::io::SeekFrom::Start(start))
+        .await
+        .map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let mut buf = Vec::with_capacity((len - start) as usize);
-    f.read_to_end(&mut buf).await.map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(Json(ConsoleTail { output: String::from_utf8_lossy(&buf).into_owned() }))
+    f.read_to_end(&mut buf)
+        .await
+        .map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(ConsoleTail {
+        output: String::from_utf8_lossy(&buf).into_owned(),
+    }))
 }
 
-async fn serial(State(a): A, Path(id): Path<String>, ws: WebSocketUpgrade) -> Result<Response, HttpError> {
+async fn serial(
+    State(a): A,
+    Path(id): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, HttpError> {
     if a.observe(&id).await.is_none() {
-        return Err(HttpError(StatusCode::NOT_FOUND, format!("no VM {id} on this host")));
+        return Err(HttpError(
+            StatusCode::NOT_FOUND,
+            format!("no VM {id} on this host"),
+        ));
     }
     let sock = tokio::net::UnixStream::connect(a.serial_socket(&id))
         .await
-        .map_err(|e| HttpError(StatusCode::CONFLICT, format!("the serial console is not available (is the VM running?): {e}")))?;
+        .map_err(|e| {
+            HttpError(
+                StatusCode::CONFLICT,
+                format!("the serial console is not available (is the VM running?): {e}"),
+            )
+        })?;
     Ok(ws.on_upgrade(move |socket| pump(socket, sock)))
 }
 
-async fn tcp(State(a): A, Path((id, port)): Path<(String, u16)>, ws: WebSocketUpgrade) -> Result<Response, HttpError> {
-    let ip = a.vm_ip(&id).await.ok_or_else(|| HttpError(StatusCode::NOT_FOUND, format!("no VM {id} on this host")))?;
-    let net = a.network().ok_or_else(|| HttpError(StatusCode::CONFLICT, "this host has no VM networks".into()))?;
-    let ip: std::net::IpAddr = ip.parse().map_err(|_| HttpError(StatusCode::INTERNAL_SERVER_ERROR, "bad VM address".into()))?;
-    let stream = net.connect_tcp(ip, port).await.map_err(|e| HttpError(StatusCode::BAD_GATEWAY, format!("cannot connect to {ip}:{port}: {}", chain(&e))))?;
+async fn tcp(
+    State(a): A,
+    Path((id, port)): Path<(String, u16)>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, HttpError> {
+    let ip = a
+        .vm_ip(&id)
+        .await
+        .ok_or_else(|| HttpError(StatusCode::NOT_FOUND, format!("no VM {id} on this host")))?;
+    let net = a
+        .network()
+        .ok_or_else(|| HttpError(StatusCode::CONFLICT, "this host has no VM networks".into()))?;
+    let ip: std::net::IpAddr = ip
+        .parse()
+        .map_err(|_| HttpError(StatusCode::INTERNAL_SERVER_ERROR, "bad VM address".into()))?;
+    let stream = net.connect_tcp(ip, port).await.map_err(|e| {
+        HttpError(
+            StatusCode::BAD_GATEWAY,
+            format!("cannot connect to {ip}:{port}: {}", chain(&e)),
+        )
+    })?;
     Ok(ws.on_upgrade(move |socket| pump(socket, stream)))
 }
 
 /// Copy bytes between a websocket (binary frames) and a stream until either side closes.
-async fn pump<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send>(ws: WebSocket, stream: S) {
+async fn pump<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send>(
+    ws: WebSocket,
+    stream: S,
+) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let (mut tx, mut rx) = ws.split();
     let up = async {
@@ -138,7 +204,11 @@ async fn pump<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send>(ws
             match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if tx.send(Message::Binary(bytes::Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                    if tx
+                        .send(Message::Binary(bytes::Bytes::copy_from_slice(&buf[..n])))
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }

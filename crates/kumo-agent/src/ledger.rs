@@ -28,11 +28,16 @@ pub struct VmRecord {
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), AgentError> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| AgentError::io(format!("writing {}", tmp.display()), e))?;
-    f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| AgentError::io(format!("writing {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, path).map_err(|e| AgentError::io(format!("renaming {}", tmp.display()), e))
+    let mut f = std::fs::File::create(&tmp)
+        .map_err(|e| AgentError::io(format!("writing {}", tmp.display()), e))?;
+    f.write_all(data)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| AgentError::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| AgentError::io(format!("renaming {}", tmp.display()), e))
 }
 
 pub fn identity_path(data_dir: &Path) -> PathBuf {
@@ -69,14 +74,18 @@ pub fn load_vms(data_dir: &Path) -> Result<Vec<VmRecord>, AgentError> {
         if p.extension().and_then(|x| x.to_str()) != Some("json") {
             continue;
         }
-        let b = std::fs::read(&p).map_err(|e| AgentError::io(format!("reading {}", p.display()), e))?;
+        let b =
+            std::fs::read(&p).map_err(|e| AgentError::io(format!("reading {}", p.display()), e))?;
         out.push(serde_json::from_slice(&b)?);
     }
     Ok(out)
 }
 
 pub fn save_vm(data_dir: &Path, rec: &VmRecord) -> Result<(), AgentError> {
-    write_atomic(&vm_dir(data_dir).join(format!("{}.json", rec.desired.id)), &serde_json::to_vec_pretty(rec)?)
+    write_atomic(
+        &vm_dir(data_dir).join(format!("{}.json", rec.desired.id)),
+        &serde_json::to_vec_pretty(rec)?,
+    )
 }
 
 pub fn remove_vm(data_dir: &Path, id: &str) -> Result<(), AgentError> {

@@ -69,14 +69,26 @@ pub async fn start(cfg: Config) -> Result<Arc<Agent>, AgentError> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| AgentError::io(format!("binding {}", cfg.listen), e))?;
-    let bound = listener.local_addr().map_err(|e| AgentError::io("reading bound address", e))?;
-    let address = cfg.advertise.clone().unwrap_or_else(|| format!("http://{bound}"));
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| AgentError::io(format!("creating {}", cfg.data_dir.display()), e))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| AgentError::io("reading bound address", e))?;
+    let address = cfg
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{bound}"));
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| AgentError::io(format!("creating {}", cfg.data_dir.display()), e))?;
 
     let hv: Arc<dyn Hypervisor> = match cfg.hypervisor.as_str() {
-        "qemu" => Arc::new(kumo_hypervisor::QemuDriver::new(cfg.data_dir.join("run"), cfg.accel).await?),
+        "qemu" => {
+            Arc::new(kumo_hypervisor::QemuDriver::new(cfg.data_dir.join("run"), cfg.accel).await?)
+        }
         "sim" => Arc::new(kumo_hypervisor::SimDriver::new(cfg.data_dir.join("run"))),
-        other => return Err(AgentError::Config(format!("unknown hypervisor {other:?}; use qemu or sim"))),
+        other => {
+            return Err(AgentError::Config(format!(
+                "unknown hypervisor {other:?}; use qemu or sim"
+            )))
+        }
     };
     let net = if cfg.hypervisor == "qemu" {
         Some(HostNetwork::new(cfg.vm_netns.clone(), cfg.data_dir.join("net")).await?)
@@ -91,7 +103,17 @@ pub async fn start(cfg: Config) -> Result<Arc<Agent>, AgentError> {
         .map_err(|e| AgentError::Controller(format!("building HTTP client: {e}")))?;
     let identity = heartbeat::identity(&cfg, &http, &address, &info).await?;
     let vms = vms::Vms::load(&cfg.data_dir)?;
-    let agent = Arc::new(Agent { cfg, hv, net, identity, address, info, vms, http, beat: tokio::sync::Notify::new() });
+    let agent = Arc::new(Agent {
+        cfg,
+        hv,
+        net,
+        identity,
+        address,
+        info,
+        vms,
+        http,
+        beat: tokio::sync::Notify::new(),
+    });
     agent.resume().await;
     let app = http::router(agent.clone());
     tokio::spawn(async move {

@@ -32,15 +32,32 @@ impl Vms {
         let mut map = HashMap::new();
         for rec in ledger::load_vms(data_dir)? {
             let converging = rec.applied_generation < rec.desired.generation;
-            map.insert(rec.desired.id.clone(), VmEntry { rec, converging, wake: Arc::new(Notify::new()), op: Arc::default() });
+            map.insert(
+                rec.desired.id.clone(),
+                VmEntry {
+                    rec,
+                    converging,
+                    wake: Arc::new(Notify::new()),
+                    op: Arc::default(),
+                },
+            );
         }
-        Ok(Vms { map: Mutex::new(map) })
+        Ok(Vms {
+            map: Mutex::new(map),
+        })
     }
 }
 
 /// Bridge name for a network: short and stable.
 fn bridge_name(network_id: &str) -> String {
-    let tail: String = network_id.chars().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
+    let tail: String = network_id
+        .chars()
+        .rev()
+        .take(12)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     format!("kb-{tail}")
 }
 
@@ -51,7 +68,14 @@ impl Agent {
 
     /// After a restart: start a worker for every VM in the ledger. Running VMs stay as they are.
     pub(crate) async fn resume(self: &Arc<Self>) {
-        let ids: Vec<(String, Arc<Notify>)> = self.vms.map.lock().await.iter().map(|(k, v)| (k.clone(), v.wake.clone())).collect();
+        let ids: Vec<(String, Arc<Notify>)> = self
+            .vms
+            .map
+            .lock()
+            .await
+            .iter()
+            .map(|(k, v)| (k.clone(), v.wake.clone()))
+            .collect();
         for (id, wake) in ids {
             self.spawn_worker(id, wake);
         }
@@ -79,10 +103,23 @@ impl Agent {
                     e.wake.notify_one();
                 }
                 None => {
-                    let rec = VmRecord { desired: spec.clone(), applied_generation: 0, applied_reboot_seq: spec.reboot_seq, error: None };
+                    let rec = VmRecord {
+                        desired: spec.clone(),
+                        applied_generation: 0,
+                        applied_reboot_seq: spec.reboot_seq,
+                        error: None,
+                    };
                     ledger::save_vm(&self.cfg.data_dir, &rec)?;
                     let wake = Arc::new(Notify::new());
-                    map.insert(spec.id.clone(), VmEntry { rec, converging: true, wake: wake.clone(), op: Arc::default() });
+                    map.insert(
+                        spec.id.clone(),
+                        VmEntry {
+                            rec,
+                            converging: true,
+                            wake: wake.clone(),
+                            op: Arc::default(),
+                        },
+                    );
                     new_vm = Some(wake);
                 }
             }
@@ -90,7 +127,9 @@ impl Agent {
         if let Some(wake) = new_vm {
             self.spawn_worker(spec.id.clone(), wake);
         }
-        self.observe(&spec.id).await.ok_or_else(|| AgentError::Config("VM vanished while being accepted".into()))
+        self.observe(&spec.id)
+            .await
+            .ok_or_else(|| AgentError::Config("VM vanished while being accepted".into()))
     }
 
     /// What the agent observes of one VM.
@@ -114,7 +153,13 @@ impl Agent {
                 PowerState::Stopped => ObservedPower::Stopped,
             }
         };
-        Some(VmObserved { id: id.to_string(), generation: rec.desired.generation, power, reboot_seq: rec.applied_reboot_seq, error: rec.error })
+        Some(VmObserved {
+            id: id.to_string(),
+            generation: rec.desired.generation,
+            power,
+            reboot_seq: rec.applied_reboot_seq,
+            error: rec.error,
+        })
     }
 
     pub async fn observe_all(&self) -> Vec<VmObserved> {
@@ -189,10 +234,22 @@ impl Agent {
     /// Disk, network and the hypervisor spec for a VM about to start.
     async fn prepare(&self, d: &VmDesired) -> Result<VmSpec, AgentError> {
         if self.hv.name() == "sim" {
-            return Ok(VmSpec { id: d.id.clone(), vcpus: d.vcpus, memory_mib: d.memory_mib, disks: vec![], nics: vec![], kernel: None, initrd: None, cmdline: None, netns: None });
+            return Ok(VmSpec {
+                id: d.id.clone(),
+                vcpus: d.vcpus,
+                memory_mib: d.memory_mib,
+                disks: vec![],
+                nics: vec![],
+                kernel: None,
+                initrd: None,
+                cmdline: None,
+                netns: None,
+            });
         }
         let dir = self.vm_dir(&d.id);
-        tokio::fs::create_dir_all(&dir).await.map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
         let base = self.cached_image(&d.image).await?;
         let root = dir.join("root.qcow2");
         if tokio::fs::metadata(&root).await.is_err() {
@@ -216,8 +273,16 @@ impl Agent {
             id: d.id.clone(),
             vcpus: d.vcpus,
             memory_mib: d.memory_mib,
-            disks: vec![DiskSpec { path: root, format: "qcow2".into(), serial: Some(d.id.clone()), read_only: false }],
-            nics: vec![NicSpec { mac: d.nic.mac.clone(), tap: kumo_network::tap_name(&d.id) }],
+            disks: vec![DiskSpec {
+                path: root,
+                format: "qcow2".into(),
+                serial: Some(d.id.clone()),
+                read_only: false,
+            }],
+            nics: vec![NicSpec {
+                mac: d.nic.mac.clone(),
+                tap: kumo_network::tap_name(&d.id),
+            }],
             kernel,
             initrd,
             cmdline,
@@ -227,14 +292,30 @@ impl Agent {
 
     /// Render the host's networks from every VM the agent has; returns the repairs made.
     pub(crate) async fn apply_network(&self) -> Result<Vec<String>, AgentError> {
-        let Some(net) = &self.net else { return Ok(vec![]) };
+        let Some(net) = &self.net else {
+            return Ok(vec![]);
+        };
         let mut nets: HashMap<String, (NetworkSpec, Vec<PortSpec>)> = HashMap::new();
         for e in self.vms.map.lock().await.values() {
             let n = &e.rec.desired.nic;
             let entry = nets.entry(n.network.id.clone()).or_insert_with(|| {
-                (NetworkSpec { name: n.network.name.clone(), bridge: bridge_name(&n.network.id), cidr: n.network.cidr.clone(), gateway: n.network.gateway.clone(), mtu: None }, vec![])
+                (
+                    NetworkSpec {
+                        name: n.network.name.clone(),
+                        bridge: bridge_name(&n.network.id),
+                        cidr: n.network.cidr.clone(),
+                        gateway: n.network.gateway.clone(),
+                        mtu: None,
+                    },
+                    vec![],
+                )
             });
-            entry.1.push(PortSpec { tap: kumo_network::tap_name(&e.rec.desired.id), mac: n.mac.clone(), ip: n.ip.clone(), hostname: e.rec.desired.name.clone() });
+            entry.1.push(PortSpec {
+                tap: kumo_network::tap_name(&e.rec.desired.id),
+                mac: n.mac.clone(),
+                ip: n.ip.clone(),
+                hostname: e.rec.desired.name.clone(),
+            });
         }
         let mut list: Vec<_> = nets.into_values().collect();
         list.sort_by(|a, b| a.0.name.cmp(&b.0.name));
@@ -281,7 +362,12 @@ impl Agent {
     }
 
     pub async fn vm_ip(&self, id: &str) -> Option<String> {
-        self.vms.map.lock().await.get(id).map(|e| e.rec.desired.nic.ip.clone())
+        self.vms
+            .map
+            .lock()
+            .await
+            .get(id)
+            .map(|e| e.rec.desired.nic.ip.clone())
     }
 
     pub fn network(&self) -> Option<&kumo_network::HostNetwork> {
@@ -300,4 +386,3 @@ impl Agent {
         }
     }
 }
-

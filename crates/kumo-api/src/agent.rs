@@ -18,44 +18,82 @@ async fn host_from_bearer(st: &AppState, headers: &HeaderMap) -> Result<HostRow,
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError::unauthorized("AuthFailure", "agent requests need a bearer host credential"))?;
-    let (id, secret) = bearer.split_once(':').ok_or_else(|| ApiError::unauthorized("AuthFailure", "malformed host credential"))?;
+        .ok_or_else(|| {
+            ApiError::unauthorized(
+                "AuthFailure",
+                "agent requests need a bearer host credential",
+            )
+        })?;
+    let (id, secret) = bearer
+        .split_once(':')
+        .ok_or_else(|| ApiError::unauthorized("AuthFailure", "malformed host credential"))?;
     st.ctl
         .authenticate_host(id, secret)
         .await?
         .ok_or_else(|| ApiError::unauthorized("AuthFailure", "unknown host or wrong host secret"))
 }
 
-pub async fn register(State(st): State<AppState>, ApiJson(req): ApiJson<RegisterRequest>) -> Result<(StatusCode, Json<RegisterResponse>), ApiError> {
+pub async fn register(
+    State(st): State<AppState>,
+    ApiJson(req): ApiJson<RegisterRequest>,
+) -> Result<(StatusCode, Json<RegisterResponse>), ApiError> {
     let resp = st.ctl.register_host(&req).await.map_err(|e| match e {
-        kumo_controller::OpError::Invalid(m) if m.contains("join token") => ApiError::unauthorized("AuthFailure", m),
+        kumo_controller::OpError::Invalid(m) if m.contains("join token") => {
+            ApiError::unauthorized("AuthFailure", m)
+        }
         other => other.into(),
     })?;
     Ok((StatusCode::CREATED, Json(resp)))
 }
 
-pub async fn heartbeat(State(st): State<AppState>, headers: HeaderMap, ApiJson(hb): ApiJson<Heartbeat>) -> Result<Json<HeartbeatResponse>, ApiError> {
+pub async fn heartbeat(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(hb): ApiJson<Heartbeat>,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
     let host = host_from_bearer(&st, &headers).await?;
     if hb.host_id != host.id {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "Forbidden", "a host may only report for itself"));
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "a host may only report for itself",
+        ));
     }
     Ok(Json(st.ctl.heartbeat(&host, &hb).await?))
 }
 
-pub async fn image_content(State(st): State<AppState>, headers: HeaderMap, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+pub async fn image_content(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
     host_from_bearer(&st, &headers).await?;
     let img = st.ctl.store.image_unscoped(&id).await?;
     if img.state != "available" {
-        return Err(ApiError::new(StatusCode::CONFLICT, "IncorrectState", format!("image {id} is {}", img.state)));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "IncorrectState",
+            format!("image {id} is {}", img.state),
+        ));
     }
-    let file = tokio::fs::File::open(&img.path)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", format!("cannot open image file: {e}")))?;
+    let file = tokio::fs::File::open(&img.path).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            format!("cannot open image file: {e}"),
+        )
+    })?;
     let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
     Response::builder()
         .header("content-type", "application/octet-stream")
         .header("content-length", len)
         .body(body)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e.to_string()))
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                e.to_string(),
+            )
+        })
 }

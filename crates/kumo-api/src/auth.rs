@@ -44,7 +44,9 @@ fn is_public(path: &str) -> bool {
 pub async fn pipeline(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let request_id = new_id(IdKind::Request);
     let rid = request_id.clone();
-    let mut resp = REQUEST_ID.scope(rid.clone(), handle(st, req, next, rid)).await;
+    let mut resp = REQUEST_ID
+        .scope(rid.clone(), handle(st, req, next, rid))
+        .await;
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert("x-request-id", v);
     }
@@ -65,7 +67,12 @@ async fn handle(st: AppState, req: Request, next: Next, request_id: String) -> R
         match to_bytes(body, MAX_BODY).await {
             Ok(b) => b,
             Err(_) => {
-                return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "RequestTooLarge", format!("request bodies are limited to {MAX_BODY} bytes")).into_response()
+                return ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "RequestTooLarge",
+                    format!("request bodies are limited to {MAX_BODY} bytes"),
+                )
+                .into_response()
             }
         }
     };
@@ -73,14 +80,25 @@ async fn handle(st: AppState, req: Request, next: Next, request_id: String) -> R
         Ok(k) => k,
         Err(e) => return e.into_response(),
     };
-    let caller = Caller { key, request_id: request_id.clone() };
+    let caller = Caller {
+        key,
+        request_id: request_id.clone(),
+    };
     parts.extensions.insert(caller.clone());
-    let matched = parts.extensions.get::<MatchedPath>().map(|m| m.as_str().to_string()).unwrap_or_else(|| path.clone());
+    let matched = parts
+        .extensions
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| path.clone());
     let mutating = method != Method::GET && method != Method::HEAD;
 
     // Idempotency: the same key and body replays the first response; a different body is refused.
     let idem_key = if mutating && !streamed {
-        parts.headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string)
+        parts
+            .headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
     } else {
         None
     };
@@ -97,12 +115,23 @@ async fn handle(st: AppState, req: Request, next: Next, request_id: String) -> R
     });
     if let (Some(k), Some(hash)) = (&idem_key, &request_hash) {
         if k.is_empty() || k.len() > 255 {
-            return ApiError::invalid("Idempotency-Key must be 1 to 255 characters").into_response();
+            return ApiError::invalid("Idempotency-Key must be 1 to 255 characters")
+                .into_response();
         }
-        match st.ctl.store.idempotent_response(&caller.key.user_id, k).await {
+        match st
+            .ctl
+            .store
+            .idempotent_response(&caller.key.user_id, k)
+            .await
+        {
             Ok(Some(prev)) if &prev.request_hash == hash => return replay(prev),
             Ok(Some(_)) => {
-                return ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "IdempotencyKeyReused", "this Idempotency-Key was used with a different request").into_response()
+                return ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "IdempotencyKeyReused",
+                    "this Idempotency-Key was used with a different request",
+                )
+                .into_response()
             }
             Ok(None) => {}
             Err(e) => return ApiError::from(e).into_response(),
@@ -113,11 +142,17 @@ async fn handle(st: AppState, req: Request, next: Next, request_id: String) -> R
     let resp = next.run(req).await;
 
     let resp = match (&idem_key, &request_hash) {
-        (Some(k), Some(hash)) if !resp.status().is_server_error() => save_idempotent(&st, &caller, k, hash, resp).await,
+        (Some(k), Some(hash)) if !resp.status().is_server_error() => {
+            save_idempotent(&st, &caller, k, hash, resp).await
+        }
         _ => resp,
     };
     if mutating {
-        let result = resp.extensions().get::<ErrorCode>().map(|c| c.0.clone()).unwrap_or_else(|| "ok".into());
+        let result = resp
+            .extensions()
+            .get::<ErrorCode>()
+            .map(|c| c.0.clone())
+            .unwrap_or_else(|| "ok".into());
         let e = NewEvent {
             project_id: Some(caller.key.project_id.clone()),
             user_id: Some(caller.key.user_id.clone()),
@@ -134,17 +169,39 @@ async fn handle(st: AppState, req: Request, next: Next, request_id: String) -> R
     resp
 }
 
-async fn authenticate(st: &AppState, parts: &axum::http::request::Parts, body: &[u8], streamed: bool) -> Result<AccessKey, ApiError> {
+async fn authenticate(
+    st: &AppState,
+    parts: &axum::http::request::Parts,
+    body: &[u8],
+    streamed: bool,
+) -> Result<AccessKey, ApiError> {
     let access_key_id = claimed_access_key(parts).ok_or_else(|| {
         ApiError::unauthorized("AuthFailure", "the request is not signed; sign it with AWS Signature Version 4 (the kumo CLI does this for you)")
     })?;
     let key = st.ctl.store.access_key(&access_key_id).await?;
     let secret = key.as_ref().map(|k| k.secret.clone());
-    let req = kumo_sigv4::VerifyRequest { method: parts.method.as_str(), path: parts.uri.path(), query: parts.uri.query(), headers: &parts.headers, body };
-    let opts = kumo_sigv4::VerifyOptions { streamed_body: streamed, ..Default::default() };
+    let req = kumo_sigv4::VerifyRequest {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        headers: &parts.headers,
+        body,
+    };
+    let opts = kumo_sigv4::VerifyOptions {
+        streamed_body: streamed,
+        ..Default::default()
+    };
     let now = chrono::Utc::now();
     let skew = chrono::Duration::minutes(MAX_SKEW_MINUTES);
-    match kumo_sigv4::verify_with_options(&req, "kumo", Some(&st.region), now, skew, |_| secret, &opts) {
+    match kumo_sigv4::verify_with_options(
+        &req,
+        "kumo",
+        Some(&st.region),
+        now,
+        skew,
+        |_| secret,
+        &opts,
+    ) {
         // For streamed bodies the handler checks the body against the signed hash.
         Ok(_) => key.ok_or_else(|| ApiError::unauthorized("AuthFailure", "unknown access key")),
         Err(e) => {
@@ -182,18 +239,40 @@ fn claimed_access_key(parts: &axum::http::request::Parts) -> Option<String> {
 fn replay(prev: IdempotentResponse) -> Response {
     let status = StatusCode::from_u16(prev.status).unwrap_or(StatusCode::OK);
     let mut resp = (status, prev.body).into_response();
-    resp.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
-    resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    resp.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    resp.headers_mut()
+        .insert("idempotent-replayed", HeaderValue::from_static("true"));
     resp
 }
 
-async fn save_idempotent(st: &AppState, caller: &Caller, key: &str, hash: &str, resp: Response) -> Response {
+async fn save_idempotent(
+    st: &AppState,
+    caller: &Caller,
+    key: &str,
+    hash: &str,
+    resp: Response,
+) -> Response {
     let (parts, body) = resp.into_parts();
     let Ok(bytes) = to_bytes(body, 16 << 20).await else {
-        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "response too large to record").into_response();
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "response too large to record",
+        )
+        .into_response();
     };
-    let rec = IdempotentResponse { request_hash: hash.to_string(), status: parts.status.as_u16(), body: String::from_utf8_lossy(&bytes).into_owned() };
-    if let Err(e) = st.ctl.store.save_idempotent_response(&caller.key.user_id, key, &rec).await {
+    let rec = IdempotentResponse {
+        request_hash: hash.to_string(),
+        status: parts.status.as_u16(),
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    };
+    if let Err(e) = st
+        .ctl
+        .store
+        .save_idempotent_response(&caller.key.user_id, key, &rec)
+        .await
+    {
         tracing::warn!(error = %e, "could not record idempotent response");
     }
     Response::from_parts(parts, Body::from(bytes))

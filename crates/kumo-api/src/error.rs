@@ -29,7 +29,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "InvalidParameter", message)
@@ -42,10 +46,15 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
-            error: ErrorDetail { code: self.code.to_string(), message: self.message, request_id: current_request_id() },
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message,
+                request_id: current_request_id(),
+            },
         };
         let mut resp = (self.status, Json(body)).into_response();
-        resp.extensions_mut().insert(ErrorCode(self.code.to_string()));
+        resp.extensions_mut()
+            .insert(ErrorCode(self.code.to_string()));
         resp
     }
 }
@@ -63,7 +72,11 @@ impl From<OpError> for ApiError {
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = ?e, "internal error");
         }
-        ApiError { status, code: e.code(), message: e.to_string() }
+        ApiError {
+            status,
+            code: e.code(),
+            message: e.to_string(),
+        }
     }
 }
 
@@ -75,7 +88,11 @@ impl From<kumo_store::StoreError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
-        let status = if r.status() == StatusCode::PAYLOAD_TOO_LARGE { r.status() } else { StatusCode::BAD_REQUEST };
+        let status = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            r.status()
+        } else {
+            StatusCode::BAD_REQUEST
+        };
         ApiError::new(status, "InvalidParameter", r.body_text())
     }
 }

@@ -23,22 +23,49 @@ pub struct ImageWithOperation {
 
 #[utoipa::path(get, path = "/api/v1/images", tag = "images", params(ListParams),
     responses((status = 200, body = Page<Image>)))]
-pub async fn list(State(st): State<AppState>, Extension(c): Extension<Caller>, ApiQuery(q): ApiQuery<ListParams>) -> Result<Json<Page<Image>>, ApiError> {
-    let (rows, next) = st.ctl.store.images(&c.scope(), q.limit, q.cursor.as_deref(), q.name.as_deref()).await?;
-    Ok(Json(Page { items: rows.into_iter().map(convert::image).collect(), next_cursor: next }))
+pub async fn list(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiQuery(q): ApiQuery<ListParams>,
+) -> Result<Json<Page<Image>>, ApiError> {
+    let (rows, next) = st
+        .ctl
+        .store
+        .images(&c.scope(), q.limit, q.cursor.as_deref(), q.name.as_deref())
+        .await?;
+    Ok(Json(Page {
+        items: rows.into_iter().map(convert::image).collect(),
+        next_cursor: next,
+    }))
 }
 
 #[utoipa::path(get, path = "/api/v1/images/{id}", tag = "images", params(("id" = String, Path, description = "Image id or name")),
     responses((status = 200, body = Image), (status = 404, body = ErrorBody)))]
-pub async fn show(State(st): State<AppState>, Extension(c): Extension<Caller>, ApiPath(id): ApiPath<String>) -> Result<Json<Image>, ApiError> {
-    Ok(Json(convert::image(st.ctl.store.image(&c.scope(), &id).await?)))
+pub async fn show(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Image>, ApiError> {
+    Ok(Json(convert::image(
+        st.ctl.store.image(&c.scope(), &id).await?,
+    )))
 }
 
 #[utoipa::path(post, path = "/api/v1/images", tag = "images", request_body = ImportImage,
     responses((status = 202, body = ImageWithOperation, description = "import started; follow the operation"), (status = 400, body = ErrorBody)))]
-pub async fn import(State(st): State<AppState>, Extension(c): Extension<Caller>, ApiJson(req): ApiJson<ImportImage>) -> Result<(StatusCode, Json<ImageWithOperation>), ApiError> {
+pub async fn import(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiJson(req): ApiJson<ImportImage>,
+) -> Result<(StatusCode, Json<ImageWithOperation>), ApiError> {
     let (img, op) = st.ctl.import_image(&c.scope(), &req).await?;
-    Ok((StatusCode::ACCEPTED, Json(ImageWithOperation { image: convert::image(img), operation: convert::operation(op) })))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(ImageWithOperation {
+            image: convert::image(img),
+            operation: convert::operation(op),
+        }),
+    ))
 }
 
 /// Upload an image as the request body. The body's SHA-256 must be sent (and signed) as
@@ -46,13 +73,22 @@ pub async fn import(State(st): State<AppState>, Extension(c): Extension<Caller>,
 #[utoipa::path(put, path = "/api/v1/images/upload", tag = "images", params(UploadParams),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 201, body = ImageWithOperation), (status = 400, body = ErrorBody)))]
-pub async fn upload(State(st): State<AppState>, Extension(c): Extension<Caller>, headers: HeaderMap, ApiQuery(q): ApiQuery<UploadParams>, body: Body) -> Result<(StatusCode, Json<ImageWithOperation>), ApiError> {
+pub async fn upload(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<UploadParams>,
+    body: Body,
+) -> Result<(StatusCode, Json<ImageWithOperation>), ApiError> {
     let declared = headers
         .get("x-amz-content-sha256")
         .and_then(|v| v.to_str().ok())
         .map(str::to_ascii_lowercase)
         .ok_or_else(|| ApiError::invalid("uploads need an x-amz-content-sha256 header"))?;
-    let len = headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let len = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let hasher = std::sync::Arc::new(std::sync::Mutex::new(Some(Sha256::new())));
     let h2 = hasher.clone();
     let mut finished = false;
@@ -75,19 +111,42 @@ pub async fn upload(State(st): State<AppState>, Extension(c): Extension<Caller>,
             return std::task::Poll::Ready(None);
         }
         finished = true;
-        let got = hasher.lock().ok().and_then(|mut g| g.take()).map(|h| hex::encode(h.finalize())).unwrap_or_default();
+        let got = hasher
+            .lock()
+            .ok()
+            .and_then(|mut g| g.take())
+            .map(|h| hex::encode(h.finalize()))
+            .unwrap_or_default();
         if got == declared2 {
             std::task::Poll::Ready(None)
         } else {
-            std::task::Poll::Ready(Some(Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "the uploaded body does not match its signed x-amz-content-sha256"))))
+            std::task::Poll::Ready(Some(Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the uploaded body does not match its signed x-amz-content-sha256",
+            ))))
         }
     }));
-    let (img, op) = st.ctl.upload_image(&c.scope(), &q, len, Box::pin(checked)).await?;
-    Ok((StatusCode::CREATED, Json(ImageWithOperation { image: convert::image(img), operation: convert::operation(op) })))
+    let (img, op) = st
+        .ctl
+        .upload_image(&c.scope(), &q, len, Box::pin(checked))
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(ImageWithOperation {
+            image: convert::image(img),
+            operation: convert::operation(op),
+        }),
+    ))
 }
 
 #[utoipa::path(delete, path = "/api/v1/images/{id}", tag = "images", params(("id" = String, Path)),
     responses((status = 200, body = Image), (status = 409, body = ErrorBody, description = "in use")))]
-pub async fn delete(State(st): State<AppState>, Extension(c): Extension<Caller>, ApiPath(id): ApiPath<String>) -> Result<Json<Image>, ApiError> {
-    Ok(Json(convert::image(st.ctl.delete_image(&c.scope(), &id).await?)))
+pub async fn delete(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Image>, ApiError> {
+    Ok(Json(convert::image(
+        st.ctl.delete_image(&c.scope(), &id).await?,
+    )))
 }

@@ -47,8 +47,16 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
-        .route("/api/v1/instances", get(instances::list).post(instances::create))
-        .route("/api/v1/instances/{id}", get(instances::show).patch(instances::update).delete(instances::terminate))
+        .route(
+            "/api/v1/instances",
+            get(instances::list).post(instances::create),
+        )
+        .route(
+            "/api/v1/instances/{id}",
+            get(instances::show)
+                .patch(instances::update)
+                .delete(instances::terminate),
+        )
         .route("/api/v1/instances/{id}/start", post(instances::start))
         .route("/api/v1/instances/{id}/stop", post(instances::stop))
         .route("/api/v1/instances/{id}/reboot", post(instances::reboot))
@@ -57,7 +65,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/instances/{id}/tcp/{port}", get(streams::tcp))
         .route("/api/v1/images", get(images::list).post(images::import))
         .route("/api/v1/images/upload", put(images::upload))
-        .route("/api/v1/images/{id}", get(images::show).delete(images::delete))
+        .route(
+            "/api/v1/images/{id}",
+            get(images::show).delete(images::delete),
+        )
         .route("/api/v1/hosts", get(misc::hosts))
         .route("/api/v1/hosts/{id}", get(misc::host))
         .route("/api/v1/instance-types", get(misc::instance_types))
@@ -70,9 +81,16 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/agent/heartbeat", post(agent::heartbeat))
         .route("/api/v1/agent/images/{id}", get(agent::image_content))
         .route("/healthz", get(|| async { "ok" }))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::pipeline));
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::pipeline,
+        ));
     api.fallback(|| async {
-        error::ApiError::new(axum::http::StatusCode::NOT_FOUND, "NotFound", "no such API path")
+        error::ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "NotFound",
+            "no such API path",
+        )
     })
     .with_state(state)
 }

@@ -12,24 +12,38 @@ fn admin_only(c: &Caller) -> Result<(), ApiError> {
     if c.scope().admin {
         Ok(())
     } else {
-        Err(ApiError::new(axum::http::StatusCode::FORBIDDEN, "Forbidden", "only administrators can see hosts"))
+        Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "Forbidden",
+            "only administrators can see hosts",
+        ))
     }
 }
 
 #[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts", responses((status = 200, body = Page<Host>), (status = 403, body = ErrorBody)))]
-pub async fn hosts(State(st): State<AppState>, Extension(c): Extension<Caller>) -> Result<Json<Page<Host>>, ApiError> {
+pub async fn hosts(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+) -> Result<Json<Page<Host>>, ApiError> {
     admin_only(&c)?;
     let usage = st.ctl.store.host_usage().await?;
     let items = st.ctl.store.hosts().await?.into_iter().map(|h| {
         let u = usage.get(&h.id);
         convert::host(h, u)
     });
-    Ok(Json(Page { items: items.collect(), next_cursor: None }))
+    Ok(Json(Page {
+        items: items.collect(),
+        next_cursor: None,
+    }))
 }
 
 #[utoipa::path(get, path = "/api/v1/hosts/{id}", tag = "hosts", params(("id" = String, Path, description = "Host id or name")),
     responses((status = 200, body = Host), (status = 404, body = ErrorBody)))]
-pub async fn host(State(st): State<AppState>, Extension(c): Extension<Caller>, ApiPath(id): ApiPath<String>) -> Result<Json<Host>, ApiError> {
+pub async fn host(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Host>, ApiError> {
     admin_only(&c)?;
     let h = st.ctl.store.host(&id).await?;
     let usage = st.ctl.store.host_usage().await?;
@@ -38,29 +52,67 @@ pub async fn host(State(st): State<AppState>, Extension(c): Extension<Caller>, A
 }
 
 #[utoipa::path(get, path = "/api/v1/instance-types", tag = "instances", responses((status = 200, body = Page<InstanceType>)))]
-pub async fn instance_types(State(st): State<AppState>) -> Result<Json<Page<InstanceType>>, ApiError> {
-    Ok(Json(Page { items: st.ctl.store.instance_types().await?, next_cursor: None }))
+pub async fn instance_types(
+    State(st): State<AppState>,
+) -> Result<Json<Page<InstanceType>>, ApiError> {
+    Ok(Json(Page {
+        items: st.ctl.store.instance_types().await?,
+        next_cursor: None,
+    }))
 }
 
 #[utoipa::path(get, path = "/api/v1/operations", tag = "operations", params(ListParams), responses((status = 200, body = Page<Operation>)))]
-pub async fn operations(State(st): State<AppState>, Extension(c): Extension<Caller>, ApiQuery(q): ApiQuery<ListParams>) -> Result<Json<Page<Operation>>, ApiError> {
-    let (rows, next) = st.ctl.store.operations(&c.scope(), q.limit, q.cursor.as_deref()).await?;
-    Ok(Json(Page { items: rows.into_iter().map(convert::operation).collect(), next_cursor: next }))
+pub async fn operations(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiQuery(q): ApiQuery<ListParams>,
+) -> Result<Json<Page<Operation>>, ApiError> {
+    let (rows, next) = st
+        .ctl
+        .store
+        .operations(&c.scope(), q.limit, q.cursor.as_deref())
+        .await?;
+    Ok(Json(Page {
+        items: rows.into_iter().map(convert::operation).collect(),
+        next_cursor: next,
+    }))
 }
 
 #[utoipa::path(get, path = "/api/v1/operations/{id}", tag = "operations", params(("id" = String, Path)),
     responses((status = 200, body = Operation), (status = 404, body = ErrorBody)))]
-pub async fn operation(State(st): State<AppState>, Extension(c): Extension<Caller>, ApiPath(id): ApiPath<String>) -> Result<Json<Operation>, ApiError> {
-    Ok(Json(convert::operation(st.ctl.store.operation(&c.scope(), &id).await?)))
+pub async fn operation(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Operation>, ApiError> {
+    Ok(Json(convert::operation(
+        st.ctl.store.operation(&c.scope(), &id).await?,
+    )))
 }
 
 #[utoipa::path(get, path = "/api/v1/events", tag = "events", params(ListParams), responses((status = 200, body = Page<Event>, description = "newest first")))]
-pub async fn events(State(st): State<AppState>, Extension(c): Extension<Caller>, ApiQuery(q): ApiQuery<ListParams>) -> Result<Json<Page<Event>>, ApiError> {
-    let (rows, next) = st.ctl.store.events(&c.scope(), q.limit, q.cursor.as_deref()).await?;
-    Ok(Json(Page { items: rows.into_iter().map(convert::event).collect(), next_cursor: next }))
+pub async fn events(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiQuery(q): ApiQuery<ListParams>,
+) -> Result<Json<Page<Event>>, ApiError> {
+    let (rows, next) = st
+        .ctl
+        .store
+        .events(&c.scope(), q.limit, q.cursor.as_deref())
+        .await?;
+    Ok(Json(Page {
+        items: rows.into_iter().map(convert::event).collect(),
+        next_cursor: next,
+    }))
 }
 
 #[utoipa::path(get, path = "/api/v1/whoami", tag = "auth", responses((status = 200, body = WhoAmI)))]
 pub async fn whoami(Extension(c): Extension<Caller>) -> Json<WhoAmI> {
-    Json(WhoAmI { user_id: c.key.user_id.clone(), user_name: c.key.user_name.clone(), project_id: c.key.project_id.clone(), role: c.key.role.clone() })
+    Json(WhoAmI {
+        user_id: c.key.user_id.clone(),
+        user_name: c.key.user_name.clone(),
+        project_id: c.key.project_id.clone(),
+        role: c.key.role.clone(),
+    })
 }

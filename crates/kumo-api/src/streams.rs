@@ -14,22 +14,51 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiPath};
 use crate::AppState;
 
-async fn agent_url(st: &AppState, c: &Caller, id: &str, tail: &str) -> Result<(String, String), ApiError> {
+async fn agent_url(
+    st: &AppState,
+    c: &Caller,
+    id: &str,
+    tail: &str,
+) -> Result<(String, String), ApiError> {
     let row = st.ctl.store.instance(&c.scope(), id).await?;
     if row.state != InstanceState::Running {
-        return Err(ApiError::new(axum::http::StatusCode::CONFLICT, "IncorrectState", format!("instance {} is {}, not running", row.id, row.state)));
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "IncorrectState",
+            format!("instance {} is {}, not running", row.id, row.state),
+        ));
     }
-    let host = st.ctl.store.host(row.host_id.as_deref().unwrap_or_default()).await?;
-    let base = host.address.replacen("http://", "ws://", 1).replacen("https://", "wss://", 1);
-    Ok((format!("{base}/agent/v1/vms/{}/{tail}", row.id), format!("{}:{}", host.id, host.secret)))
+    let host = st
+        .ctl
+        .store
+        .host(row.host_id.as_deref().unwrap_or_default())
+        .await?;
+    let base = host
+        .address
+        .replacen("http://", "ws://", 1)
+        .replacen("https://", "wss://", 1);
+    Ok((
+        format!("{base}/agent/v1/vms/{}/{tail}", row.id),
+        kumo_controller::credential(&host),
+    ))
 }
 
-pub async fn serial(State(st): State<AppState>, Extension(c): Extension<Caller>, ApiPath(id): ApiPath<String>, ws: WebSocketUpgrade) -> Result<Response, ApiError> {
+pub async fn serial(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
     let (url, cred) = agent_url(&st, &c, &id, "serial").await?;
     Ok(ws.on_upgrade(move |socket| proxy(socket, url, cred)))
 }
 
-pub async fn tcp(State(st): State<AppState>, Extension(c): Extension<Caller>, ApiPath((id, port)): ApiPath<(String, u16)>, ws: WebSocketUpgrade) -> Result<Response, ApiError> {
+pub async fn tcp(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiPath((id, port)): ApiPath<(String, u16)>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
     if port == 0 {
         return Err(ApiError::invalid("port must be 1 to 65535"));
     }
@@ -48,7 +77,12 @@ async fn proxy(client: WebSocket, url: String, cred: String) {
     if let Ok(v) = format!("Bearer {cred}").parse() {
         req.headers_mut().insert("authorization", v);
     }
-    let agent = match tokio::time::timeout(std::time::Duration::from_secs(10), tokio_tungstenite::connect_async(req)).await {
+    let agent = match tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    {
         Ok(Ok((s, _))) => s,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, %url, "cannot reach agent stream");

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use kumo_store::HostRow;
 use kumo_types::agent::{ConsoleTail, VmDesired, VmObserved};
 
 #[derive(Debug, thiserror::Error)]
@@ -59,17 +60,12 @@ impl AgentClient {
         }
     }
 
-    pub async fn put_vm(
-        &self,
-        base: &str,
-        secret: &str,
-        spec: &VmDesired,
-    ) -> Result<VmObserved, AgentError> {
-        let url = format!("{base}/agent/v1/vms/{}", spec.id);
+    pub async fn put_vm(&self, host: &HostRow, spec: &VmDesired) -> Result<VmObserved, AgentError> {
+        let url = format!("{}/agent/v1/vms/{}", host.address, spec.id);
         let resp = self
             .http
             .put(&url)
-            .bearer_auth(secret)
+            .bearer_auth(credential(host))
             .json(spec)
             .send()
             .await;
@@ -80,21 +76,30 @@ impl AgentClient {
     }
 
     /// Remove the VM and everything it had on the host. Ok once it is gone.
-    pub async fn delete_vm(&self, base: &str, secret: &str, id: &str) -> Result<(), AgentError> {
-        let url = format!("{base}/agent/v1/vms/{id}");
-        let resp = self.http.delete(&url).bearer_auth(secret).send().await;
+    pub async fn delete_vm(&self, host: &HostRow, id: &str) -> Result<(), AgentError> {
+        let url = format!("{}/agent/v1/vms/{id}", host.address);
+        let resp = self
+            .http
+            .delete(&url)
+            .bearer_auth(credential(host))
+            .send()
+            .await;
         Self::check(&url, resp).await.map(|_| ())
     }
 
     pub async fn console(
         &self,
-        base: &str,
-        secret: &str,
+        host: &HostRow,
         id: &str,
         bytes: u64,
     ) -> Result<String, AgentError> {
-        let url = format!("{base}/agent/v1/vms/{id}/console?bytes={bytes}");
-        let resp = self.http.get(&url).bearer_auth(secret).send().await;
+        let url = format!("{}/agent/v1/vms/{id}/console?bytes={bytes}", host.address);
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(credential(host))
+            .send()
+            .await;
         let resp = Self::check(&url, resp).await?;
         let tail: ConsoleTail = resp
             .json()
@@ -108,4 +113,9 @@ impl From<AgentError> for crate::OpError {
     fn from(e: AgentError) -> Self {
         crate::OpError::Unavailable(e.to_string())
     }
+}
+
+/// The bearer credential both directions of agent traffic use: `<host-id>:<secret>`.
+pub fn credential(host: &HostRow) -> String {
+    format!("{}:{}", host.id, host.secret)
 }

@@ -255,10 +255,7 @@ impl Controller {
             return Ok((row, String::new()));
         }
         let host = self.store.host(&host_id).await?;
-        let out = self
-            .agents()
-            .console(&host.address, &host.secret, &row.id, bytes)
-            .await?;
+        let out = self.agents().console(&host, &row.id, bytes).await?;
         Ok((row, out))
     }
 }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use agent_client::{AgentClient, AgentError};
+pub use agent_client::{credential, AgentClient, AgentError};
 pub use error::OpError;
 pub use hosts::HeartbeatResponse;
 use kumo_store::{NewEvent, Scope, Store};

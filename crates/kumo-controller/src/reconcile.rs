@@ -60,9 +60,7 @@ impl Controller {
             return Ok(());
         }
         if row.desired == "terminated" {
-            self.agents()
-                .delete_vm(&host.address, &host.secret, &row.id)
-                .await?;
+            self.agents().delete_vm(&host, &row.id).await?;
             if self.store.instance_absent_on_host(row).await? {
                 self.system_event(
                     Some(&row.project_id),
@@ -76,10 +74,7 @@ impl Controller {
             return Ok(());
         }
         let spec = self.desired_spec(row).await?;
-        let observed = self
-            .agents()
-            .put_vm(&host.address, &host.secret, &spec)
-            .await?;
+        let observed = self.agents().put_vm(&host, &spec).await?;
         let obs = Observation {
             generation: observed.generation,
             power: observed.power,

@@ -35,12 +35,16 @@ pub enum SignError {
 pub struct SignOptions {
     /// Add (and sign) an `x-amz-content-sha256` header. Default `true`.
     pub content_sha256_header: bool,
+    /// Sign this payload hash (hex) instead of hashing `body`: for bodies streamed after
+    /// signing. The server checks the streamed body against it.
+    pub payload_sha256: Option<String>,
 }
 
 impl Default for SignOptions {
     fn default() -> Self {
         Self {
             content_sha256_header: true,
+            payload_sha256: None,
         }
     }
 }
@@ -134,7 +138,10 @@ pub fn sign_with_options(
 
     let amz_date = now.format(AMZ_DATE_FORMAT).to_string();
     let date = now.format(SCOPE_DATE_FORMAT).to_string();
-    let payload_hash = sha256_hex(body);
+    let payload_hash = options
+        .payload_sha256
+        .clone()
+        .unwrap_or_else(|| sha256_hex(body));
 
     // name -> values, in the order given; BTreeMap sorts the names.
     let mut signed: BTreeMap<String, Vec<String>> = BTreeMap::new();

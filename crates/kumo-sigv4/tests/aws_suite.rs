@@ -330,6 +330,7 @@ fn official_vectors_sign() {
             ctx.timestamp,
             &SignOptions {
                 content_sha256_header: ctx.sign_body,
+                ..SignOptions::default()
             },
         );
         let sig = out.ok().and_then(|h| {

@@ -236,6 +236,7 @@ fn our_signer_matches_botocore() {
             f.now,
             &SignOptions {
                 content_sha256_header: false,
+                ..SignOptions::default()
             },
         )
         .expect("sign");

@@ -64,7 +64,9 @@ pub fn is_id(kind: IdKind, s: &str) -> bool {
         Some((p, rest)) => {
             p == kind.prefix()
                 && (rest.len() == 17 || rest.len() == 8)
-                && rest.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+                && rest
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
         }
         None => false,
     }

@@ -95,7 +95,14 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for s in [Pending, Running, Stopping, Stopped, ShuttingDown, Terminated] {
+        for s in [
+            Pending,
+            Running,
+            Stopping,
+            Stopped,
+            ShuttingDown,
+            Terminated,
+        ] {
             assert_eq!(InstanceState::parse(s.as_str()), Some(s));
             let json = serde_json::to_string(&s).unwrap_or_default();
             assert_eq!(json, format!("\"{}\"", s.as_str()));

@@ -1,0 +1,612 @@
+//! `kumo vm|image|host ...`: thin wrappers over [`Client`].
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand, ValueEnum};
+use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use indicatif::{ProgressBar, ProgressStyle};
+use kumo_types::api::{CreateInstance, ImportImage, Instance, UploadParams};
+use kumo_types::InstanceState;
+use serde::Serialize;
+
+use crate::{streams, Client, ClientError};
+
+#[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCmd {
+    /// Create an instance from an image.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Image name or id.
+        #[arg(long, default_value = "demo")]
+        image: String,
+        /// Instance type (see `kumo vm types`).
+        #[arg(long = "type", default_value = "t1.small")]
+        instance_type: String,
+        /// Place it in this site (availability zone).
+        #[arg(long)]
+        site: Option<String>,
+        /// Wait until it is running.
+        #[arg(long)]
+        wait: bool,
+        /// Retry-safe: the same key returns the same instance.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List instances.
+    #[command(alias = "ls")]
+    List {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+        /// Include terminated instances.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one instance.
+    Show {
+        id: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    Start(Action),
+    /// Stop (ACPI shutdown, then forced after a timeout).
+    Stop(Action),
+    Reboot(Action),
+    /// Terminate: removes the instance and everything it had on its host.
+    #[command(alias = "terminate", alias = "rm")]
+    Delete(Action),
+    /// Change the instance type (only while stopped).
+    Resize {
+        id: String,
+        #[arg(long = "type")]
+        instance_type: String,
+    },
+    /// Attach to the interactive serial console (Ctrl-] to leave).
+    Console {
+        id: String,
+    },
+    /// Print the serial console log.
+    Log {
+        id: String,
+        /// Bytes from the end.
+        #[arg(long, default_value_t = 65536)]
+        bytes: u64,
+    },
+    /// Make a guest port reachable on 127.0.0.1: `kumo vm port-forward web1 8080:80`.
+    PortForward {
+        id: String,
+        /// LOCAL:REMOTE
+        ports: String,
+    },
+    /// List instance types.
+    Types {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct Action {
+    /// Instance id or name.
+    pub id: String,
+    /// Wait until the action has finished.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    #[command(alias = "ls")]
+    List {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    Show {
+        id: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Import a disk image (qcow2, raw, vmdk, vdi), a kernel or a ramdisk.
+    Import {
+        /// File to upload (or, with --server-side, a path the controller can read).
+        path: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// disk, kernel or ramdisk.
+        #[arg(long, default_value = "disk")]
+        kind: String,
+        /// Input format; detected when absent.
+        #[arg(long)]
+        format: Option<String>,
+        /// Kernel image (id or name) for direct kernel boot.
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Ramdisk image (id or name) for direct kernel boot.
+        #[arg(long)]
+        ramdisk: Option<String>,
+        /// Kernel command line for direct kernel boot.
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// Visible to every project (admins only).
+        #[arg(long)]
+        public: bool,
+        /// The controller reads the file itself instead of receiving an upload.
+        #[arg(long)]
+        server_side: bool,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    #[command(alias = "rm")]
+    Delete { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostCmd {
+    #[command(alias = "ls")]
+    List {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    Show {
+        id: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<(), ClientError> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).map_err(|e| ClientError::Failed(e.to_string()))?
+    );
+    Ok(())
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    t
+}
+
+fn gib(bytes: Option<u64>) -> String {
+    bytes
+        .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn show_instance(i: &Instance, output: Output) -> Result<(), ClientError> {
+    if output == Output::Json {
+        return print_json(i);
+    }
+    let mut t = table(&["field", "value"]);
+    for (k, v) in [
+        ("id", i.id.clone()),
+        ("name", i.name.clone()),
+        ("state", i.state.to_string()),
+        (
+            "type",
+            format!(
+                "{} ({} vCPU, {} MiB, {} GiB disk)",
+                i.instance_type, i.vcpus, i.memory_mib, i.disk_gib
+            ),
+        ),
+        ("image", i.image_id.clone()),
+        ("host", i.host_id.clone().unwrap_or_default()),
+        ("private ip", i.private_ip.clone().unwrap_or_default()),
+        ("mac", i.mac.clone().unwrap_or_default()),
+        ("created", i.created_at.to_rfc3339()),
+        ("last error", i.last_error.clone().unwrap_or_default()),
+    ] {
+        t.add_row(vec![k.to_string(), v]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+/// Wait for an instance to reach `want`, with a spinner; fails on a timeout.
+pub async fn wait_for(
+    client: &Client,
+    id: &str,
+    want: InstanceState,
+    timeout: Duration,
+) -> Result<Instance, ClientError> {
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    pb.enable_steady_tick(Duration::from_millis(120));
+    let start = Instant::now();
+    loop {
+        let i = client.instance(id).await?;
+        pb.set_message(format!("{} is {}", i.id, i.state));
+        if i.state == want {
+            pb.finish_and_clear();
+            return Ok(i);
+        }
+        if want != InstanceState::Terminated && i.state == InstanceState::Terminated {
+            pb.finish_and_clear();
+            return Err(ClientError::Failed(format!("{} was terminated", i.id)));
+        }
+        if start.elapsed() > timeout {
+            pb.finish_and_clear();
+            let hint = i
+                .last_error
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default();
+            return Err(ClientError::Timeout(format!(
+                "{} is still {} after {:?}{hint}",
+                i.id, i.state, timeout
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+impl VmCmd {
+    pub async fn run(self, client: &Client) -> Result<(), ClientError> {
+        let long = Duration::from_secs(300);
+        match self {
+            VmCmd::Create {
+                name,
+                image,
+                instance_type,
+                site,
+                wait,
+                idempotency_key,
+                output,
+            } => {
+                let req = CreateInstance {
+                    name,
+                    image,
+                    instance_type: Some(instance_type),
+                    site,
+                };
+                let mut i = client
+                    .create_instance(&req, idempotency_key.as_deref())
+                    .await?;
+                if wait {
+                    i = wait_for(client, &i.id, InstanceState::Running, long).await?;
+                }
+                if output == Output::Json {
+                    return print_json(&i);
+                }
+                println!(
+                    "{} {} ({}, {})",
+                    i.id,
+                    i.name,
+                    i.state,
+                    i.private_ip.unwrap_or_default()
+                );
+            }
+            VmCmd::List { output, all } => {
+                let mut list = client.instances().await?;
+                if !all {
+                    list.retain(|i| i.state != InstanceState::Terminated);
+                }
+                if output == Output::Json {
+                    return print_json(&list);
+                }
+                let mut t = table(&["id", "name", "state", "type", "ip", "host"]);
+                for i in list {
+                    t.add_row(vec![
+                        i.id,
+                        i.name,
+                        i.state.to_string(),
+                        i.instance_type,
+                        i.private_ip.unwrap_or_default(),
+                        i.host_id.unwrap_or_default(),
+                    ]);
+                }
+                println!("{t}");
+            }
+            VmCmd::Show { id, output } => show_instance(&client.instance(&id).await?, output)?,
+            VmCmd::Start(a) => {
+                let i = client.instance_action(&a.id, "start").await?;
+                let i = if a.wait {
+                    wait_for(client, &i.id, InstanceState::Running, long).await?
+                } else {
+                    i
+                };
+                println!("{} is {}", i.id, i.state);
+            }
+            VmCmd::Stop(a) => {
+                let i = client.instance_action(&a.id, "stop").await?;
+                let i = if a.wait {
+                    wait_for(client, &i.id, InstanceState::Stopped, long).await?
+                } else {
+                    i
+                };
+                println!("{} is {}", i.id, i.state);
+            }
+            VmCmd::Reboot(a) => {
+                let i = client.instance_action(&a.id, "reboot").await?;
+                println!("{} is rebooting", i.id);
+            }
+            VmCmd::Delete(a) => {
+                let i = client.terminate(&a.id).await?;
+                let i = if a.wait {
+                    wait_for(client, &i.id, InstanceState::Terminated, long).await?
+                } else {
+                    i
+                };
+                println!("{} is {}", i.id, i.state);
+            }
+            VmCmd::Resize { id, instance_type } => {
+                let i = client.resize(&id, &instance_type).await?;
+                println!(
+                    "{} is now {} ({} vCPU, {} MiB)",
+                    i.id, i.instance_type, i.vcpus, i.memory_mib
+                );
+            }
+            VmCmd::Console { id } => streams::console(client, &id).await?,
+            VmCmd::Log { id, bytes } => print!("{}", client.console(&id, bytes).await?.output),
+            VmCmd::PortForward { id, ports } => {
+                let (l, r) = ports.split_once(':').ok_or_else(|| {
+                    ClientError::Config("ports must be LOCAL:REMOTE, e.g. 8080:80".into())
+                })?;
+                let l: u16 = l
+                    .parse()
+                    .map_err(|_| ClientError::Config(format!("bad local port {l:?}")))?;
+                let r: u16 = r
+                    .parse()
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| ClientError::Config(format!("bad remote port {r:?}")))?;
+                streams::port_forward(client, &id, l, r).await?
+            }
+            VmCmd::Types { output } => {
+                let types = client.instance_types().await?;
+                if output == Output::Json {
+                    return print_json(&types);
+                }
+                let mut t = table(&["type", "vCPUs", "memory", "disk"]);
+                for ty in types {
+                    t.add_row(vec![
+                        ty.name,
+                        ty.vcpus.to_string(),
+                        format!("{} MiB", ty.memory_mib),
+                        format!("{} GiB", ty.disk_gib),
+                    ]);
+                }
+                println!("{t}");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ImageCmd {
+    pub async fn run(self, client: &Client) -> Result<(), ClientError> {
+        match self {
+            ImageCmd::List { output } => {
+                let list = client.images().await?;
+                if output == Output::Json {
+                    return print_json(&list);
+                }
+                let mut t = table(&["id", "name", "kind", "state", "format", "size", "public"]);
+                for i in list {
+                    t.add_row(vec![
+                        i.id,
+                        i.name,
+                        i.kind,
+                        i.state,
+                        i.source_format.unwrap_or_default(),
+                        gib(i.virtual_size),
+                        i.public.to_string(),
+                    ]);
+                }
+                println!("{t}");
+            }
+            ImageCmd::Show { id, output } => {
+                let i = client.image(&id).await?;
+                if output == Output::Json {
+                    return print_json(&i);
+                }
+                let mut t = table(&["field", "value"]);
+                for (k, v) in [
+                    ("id", i.id),
+                    ("name", i.name),
+                    ("kind", i.kind),
+                    ("state", i.state),
+                    ("format", i.source_format.unwrap_or_default()),
+                    ("virtual size", gib(i.virtual_size)),
+                    ("file size", gib(i.file_size)),
+                    ("sha256", i.sha256.unwrap_or_default()),
+                    ("kernel", i.kernel_id.unwrap_or_default()),
+                    ("ramdisk", i.ramdisk_id.unwrap_or_default()),
+                    ("cmdline", i.cmdline.unwrap_or_default()),
+                ] {
+                    t.add_row(vec![k.to_string(), v]);
+                }
+                println!("{t}");
+            }
+            ImageCmd::Import {
+                path,
+                name,
+                kind,
+                format,
+                kernel,
+                ramdisk,
+                cmdline,
+                public,
+                server_side,
+                output,
+            } => {
+                let kernel_id = match kernel {
+                    Some(k) => Some(client.image(&k).await?.id),
+                    None => None,
+                };
+                let ramdisk_id = match ramdisk {
+                    Some(k) => Some(client.image(&k).await?.id),
+                    None => None,
+                };
+                let result = if server_side {
+                    let abs = std::fs::canonicalize(&path).unwrap_or(path.clone());
+                    let req = ImportImage {
+                        name,
+                        kind: Some(kind),
+                        path: abs.display().to_string(),
+                        format,
+                        kernel_id,
+                        ramdisk_id,
+                        cmdline,
+                        public,
+                    };
+                    let started = client.import_image(&req).await?;
+                    follow_operation(client, &started.operation.id).await?;
+                    client.image(&started.image.id).await?
+                } else {
+                    let len = std::fs::metadata(&path)
+                        .map_err(|e| {
+                            ClientError::Config(format!("cannot read {}: {e}", path.display()))
+                        })?
+                        .len();
+                    let pb = ProgressBar::new(len);
+                    pb.set_style(
+                        ProgressStyle::with_template(
+                            "uploading {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
+                    let pb2 = pb.clone();
+                    let params = UploadParams {
+                        name,
+                        kind: Some(kind),
+                        format,
+                        kernel_id,
+                        ramdisk_id,
+                        cmdline,
+                        public,
+                    };
+                    let r = client
+                        .upload_image(&params, &path, move |n| pb2.set_position(n))
+                        .await;
+                    pb.finish_and_clear();
+                    r?.image
+                };
+                if output == Output::Json {
+                    return print_json(&result);
+                }
+                println!(
+                    "{} {} ({}, {}, sha256 {})",
+                    result.id,
+                    result.name,
+                    result.kind,
+                    result.state,
+                    result.sha256.unwrap_or_default()
+                );
+            }
+            ImageCmd::Delete { id } => {
+                let i = client.delete_image(&id).await?;
+                println!("deleted {} ({})", i.id, i.name);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Follow an operation with a progress bar until it ends.
+pub async fn follow_operation(client: &Client, id: &str) -> Result<(), ClientError> {
+    let pb = ProgressBar::new(1000);
+    pb.set_style(
+        ProgressStyle::with_template("{msg} {bar:40} {percent}% [{elapsed}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    loop {
+        let op = client.operation(id).await?;
+        pb.set_message(op.kind.clone());
+        pb.set_position((op.progress * 1000.0) as u64);
+        match op.state.as_str() {
+            "succeeded" => {
+                pb.finish_and_clear();
+                return Ok(());
+            }
+            "failed" => {
+                pb.finish_and_clear();
+                return Err(ClientError::Failed(format!(
+                    "{} failed: {}",
+                    op.kind,
+                    op.error.unwrap_or_default()
+                )));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+}
+
+impl HostCmd {
+    pub async fn run(self, client: &Client) -> Result<(), ClientError> {
+        match self {
+            HostCmd::List { output } => {
+                let hosts = client.hosts().await?;
+                if output == Output::Json {
+                    return print_json(&hosts);
+                }
+                let mut t = table(&[
+                    "id",
+                    "name",
+                    "site",
+                    "state",
+                    "accel",
+                    "vCPUs used",
+                    "memory used",
+                    "instances",
+                ]);
+                for h in hosts {
+                    t.add_row(vec![
+                        h.id,
+                        h.name,
+                        h.site,
+                        h.state,
+                        h.accel,
+                        format!("{}/{}", h.used_vcpus, h.vcpus),
+                        format!("{}/{} MiB", h.used_memory_mib, h.memory_mib),
+                        h.instances.to_string(),
+                    ]);
+                }
+                println!("{t}");
+            }
+            HostCmd::Show { id, output } => {
+                let h = client.host(&id).await?;
+                if output == Output::Json {
+                    return print_json(&h);
+                }
+                let mut t = table(&["field", "value"]);
+                for (k, v) in [
+                    ("id", h.id),
+                    ("name", h.name),
+                    ("site", h.site),
+                    ("state", h.state),
+                    ("address", h.address),
+                    ("hypervisor", format!("{} ({})", h.hypervisor, h.accel)),
+                    ("qemu", h.qemu_version),
+                    ("vCPUs", format!("{} used of {}", h.used_vcpus, h.vcpus)),
+                    (
+                        "memory",
+                        format!("{} MiB used of {} MiB", h.used_memory_mib, h.memory_mib),
+                    ),
+                    ("instances", h.instances.to_string()),
+                    (
+                        "last heartbeat",
+                        h.last_heartbeat.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                    ),
+                ] {
+                    t.add_row(vec![k.to_string(), v]);
+                }
+                println!("{t}");
+            }
+        }
+        Ok(())
+    }
+}

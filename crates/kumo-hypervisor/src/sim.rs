@@ -1,0 +1,283 @@
+//! The simulated hypervisor: all state in memory, instant transitions.
+//!
+//! It writes one line, `KUMO-GUEST-BOOTED id=<id>`, to `run_root/<id>/console.log` on every
+//! (re)boot so console APIs have something to show. It is cheap enough for thousands of
+//! simulated hosts in one process. It never stands in for a test that claims real VM behaviour.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::{
+    validate_id, validate_spec, Accel, Hypervisor, HypervisorError, PowerState, VmInfo, VmSpec,
+};
+
+struct SimVm {
+    spec: VmSpec,
+    state: PowerState,
+}
+
+/// In-memory hypervisor for controller tests.
+pub struct SimDriver {
+    run_root: PathBuf,
+    vms: Mutex<HashMap<String, SimVm>>,
+}
+
+impl std::fmt::Debug for SimDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimDriver")
+            .field("run_root", &self.run_root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SimDriver {
+    /// Nothing is created on disk until a VM starts.
+    pub fn new(run_root: PathBuf) -> Self {
+        SimDriver {
+            run_root,
+            vms: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn vms(&self) -> std::sync::MutexGuard<'_, HashMap<String, SimVm>> {
+        self.vms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn boot_line(&self, id: &str) -> Result<(), HypervisorError> {
+        let dir = self.run_root.join(id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| HypervisorError::io(format!("creating {}", dir.display()), e))?;
+        let path = dir.join("console.log");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| HypervisorError::io(format!("opening {}", path.display()), e))?;
+        writeln!(f, "KUMO-GUEST-BOOTED id={id}")
+            .map_err(|e| HypervisorError::io(format!("writing {}", path.display()), e))
+    }
+
+    /// The spec a VM was last started with.
+    pub fn spec(&self, id: &str) -> Option<VmSpec> {
+        self.vms().get(id).map(|vm| vm.spec.clone())
+    }
+
+    /// Test hook: pause a running VM (as after a QMP `stop`).
+    pub fn pause(&self, id: &str) -> Result<(), HypervisorError> {
+        self.set_state(id, PowerState::Running, PowerState::Paused)
+    }
+
+    /// Test hook: resume a paused VM.
+    pub fn resume(&self, id: &str) -> Result<(), HypervisorError> {
+        self.set_state(id, PowerState::Paused, PowerState::Running)
+    }
+
+    /// Test hook: the VM dies on its own (guest crash, QEMU killed from outside).
+    pub fn crash(&self, id: &str) {
+        if let Some(vm) = self.vms().get_mut(id) {
+            vm.state = PowerState::Stopped;
+        }
+    }
+
+    fn set_state(&self, id: &str, from: PowerState, to: PowerState) -> Result<(), HypervisorError> {
+        let mut vms = self.vms();
+        match vms.get_mut(id) {
+            Some(vm) if vm.state == from => {
+                vm.state = to;
+                Ok(())
+            }
+            _ => Err(HypervisorError::NotRunning(id.to_string())),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for SimDriver {
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+
+    fn accel(&self) -> Option<Accel> {
+        None
+    }
+
+    async fn start(&self, spec: &VmSpec) -> Result<VmInfo, HypervisorError> {
+        validate_spec(spec)?;
+        {
+            let mut vms = self.vms();
+            if let Some(vm) = vms.get(&spec.id) {
+                if vm.state != PowerState::Stopped {
+                    return Ok(VmInfo {
+                        id: spec.id.clone(),
+                        pid: None,
+                        state: vm.state,
+                    });
+                }
+            }
+            vms.insert(
+                spec.id.clone(),
+                SimVm {
+                    spec: spec.clone(),
+                    state: PowerState::Running,
+                },
+            );
+        }
+        self.boot_line(&spec.id)?;
+        Ok(VmInfo {
+            id: spec.id.clone(),
+            pid: None,
+            state: PowerState::Running,
+        })
+    }
+
+    async fn stop(&self, id: &str, _timeout: Duration) -> Result<(), HypervisorError> {
+        self.kill(id).await
+    }
+
+    async fn kill(&self, id: &str) -> Result<(), HypervisorError> {
+        validate_id(id)?;
+        if let Some(vm) = self.vms().get_mut(id) {
+            vm.state = PowerState::Stopped;
+        }
+        Ok(())
+    }
+
+    async fn reboot(&self, id: &str) -> Result<(), HypervisorError> {
+        validate_id(id)?;
+        let running = matches!(
+            self.vms().get(id).map(|vm| vm.state),
+            Some(PowerState::Running | PowerState::Paused)
+        );
+        if !running {
+            return Err(HypervisorError::NotRunning(id.to_string()));
+        }
+        self.boot_line(id)
+    }
+
+    async fn state(&self, id: &str) -> Result<PowerState, HypervisorError> {
+        validate_id(id)?;
+        Ok(self
+            .vms()
+            .get(id)
+            .map(|vm| vm.state)
+            .unwrap_or(PowerState::Stopped))
+    }
+
+    async fn list(&self) -> Result<Vec<VmInfo>, HypervisorError> {
+        let mut out: Vec<VmInfo> = self
+            .vms()
+            .iter()
+            .map(|(id, vm)| VmInfo {
+                id: id.clone(),
+                pid: None,
+                state: vm.state,
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn cleanup(&self, id: &str) -> Result<(), HypervisorError> {
+        validate_id(id)?;
+        {
+            let mut vms = self.vms();
+            if let Some(vm) = vms.get(id) {
+                if vm.state != PowerState::Stopped {
+                    return Err(HypervisorError::StillRunning(id.to_string()));
+                }
+            }
+            vms.remove(id);
+        }
+        let dir = self.run_root.join(id);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(HypervisorError::io(
+                format!("removing {}", dir.display()),
+                e,
+            )),
+        }
+    }
+
+    fn console_log(&self, id: &str) -> PathBuf {
+        self.run_root.join(id).join("console.log")
+    }
+
+    fn serial_socket(&self, id: &str) -> PathBuf {
+        self.run_root.join(id).join("serial.sock")
+    }
+
+    fn vnc_socket(&self, id: &str) -> PathBuf {
+        self.run_root.join(id).join("vnc.sock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str) -> VmSpec {
+        VmSpec {
+            id: id.into(),
+            vcpus: 1,
+            memory_mib: 128,
+            disks: vec![],
+            nics: vec![],
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            netns: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn lifecycle() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = SimDriver::new(dir.path().to_path_buf());
+        let h: &dyn Hypervisor = &d;
+        assert_eq!(h.name(), "sim");
+        assert_eq!(h.accel(), None);
+        assert_eq!(h.state("i-1").await.unwrap(), PowerState::Stopped);
+        let info = h.start(&spec("i-1")).await.unwrap();
+        assert_eq!(info.state, PowerState::Running);
+        // Idempotent.
+        assert_eq!(h.start(&spec("i-1")).await.unwrap(), info);
+        let log = std::fs::read_to_string(h.console_log("i-1")).unwrap();
+        assert_eq!(log, "KUMO-GUEST-BOOTED id=i-1\n");
+        h.reboot("i-1").await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(h.console_log("i-1"))
+                .unwrap()
+                .lines()
+                .count(),
+            2
+        );
+        d.pause("i-1").unwrap();
+        assert_eq!(h.state("i-1").await.unwrap(), PowerState::Paused);
+        d.resume("i-1").unwrap();
+        assert!(matches!(
+            h.cleanup("i-1").await,
+            Err(HypervisorError::StillRunning(_))
+        ));
+        h.stop("i-1", Duration::from_secs(1)).await.unwrap();
+        h.stop("i-1", Duration::from_secs(1)).await.unwrap();
+        h.kill("i-unknown").await.unwrap();
+        assert!(h.reboot("i-1").await.is_err());
+        assert_eq!(
+            h.list().await.unwrap(),
+            vec![VmInfo {
+                id: "i-1".into(),
+                pid: None,
+                state: PowerState::Stopped
+            }]
+        );
+        h.cleanup("i-1").await.unwrap();
+        assert!(!dir.path().join("i-1").exists());
+        assert!(h.list().await.unwrap().is_empty());
+        assert!(h.start(&spec("../evil")).await.is_err());
+        assert!(h.cleanup("..").await.is_err());
+    }
+}

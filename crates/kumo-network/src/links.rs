@@ -1,0 +1,362 @@
+//! Bridges and taps: read the host's links (`ip -j -d addr show`) and plan one `ip -batch` that makes them match.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+
+use serde::Deserialize;
+
+use crate::error::NetworkError;
+use crate::ledger::Ledger;
+use crate::names::mac_for;
+use crate::spec::Network;
+
+/// One interface as printed by `ip -j -d addr show`.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct Link {
+    pub ifname: String,
+    #[serde(default)]
+    pub flags: Vec<String>,
+    pub mtu: Option<u32>,
+    pub master: Option<String>,
+    pub address: Option<String>,
+    pub linkinfo: Option<LinkInfo>,
+    #[serde(default)]
+    pub addr_info: Vec<AddrInfo>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct LinkInfo {
+    pub info_kind: Option<String>,
+    pub info_data: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct AddrInfo {
+    pub family: Option<String>,
+    pub local: Option<String>,
+    pub prefixlen: Option<u8>,
+}
+
+impl Link {
+    pub fn is_up(&self) -> bool {
+        self.flags.iter().any(|f| f == "UP")
+    }
+
+    /// "bridge", "tap", "tun", "veth", … or "device" when the kernel gives no kind.
+    pub fn kind(&self) -> String {
+        let Some(info) = &self.linkinfo else {
+            return "device".into();
+        };
+        match info.info_kind.as_deref() {
+            Some("tun") => info
+                .info_data
+                .as_ref()
+                .and_then(|d| d.get("type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("tap")
+                .to_string(),
+            Some(kind) => kind.to_string(),
+            None => "device".into(),
+        }
+    }
+
+    fn ipv4_addrs(&self) -> Vec<(Ipv4Addr, u8)> {
+        self.addr_info
+            .iter()
+            .filter(|a| a.family.as_deref() == Some("inet"))
+            .filter_map(|a| Some((a.local.as_deref()?.parse().ok()?, a.prefixlen?)))
+            .collect()
+    }
+}
+
+pub(crate) fn parse_links(command: &str, json: &str) -> Result<Vec<Link>, NetworkError> {
+    serde_json::from_str(json).map_err(|source| NetworkError::Parse {
+        command: command.to_string(),
+        source,
+    })
+}
+
+/// The fixed MAC of a bridge: without one, a Linux bridge takes the lowest MAC of its ports and the
+/// gateway's MAC changes whenever a VM comes or goes (guests' ARP caches then point at nothing).
+pub(crate) fn bridge_mac(bridge: &str) -> String {
+    mac_for(&format!("kumo-bridge:{bridge}"))
+}
+
+/// What one apply must do to the links.
+#[derive(Debug, Default)]
+pub(crate) struct LinkPlan {
+    /// Lines for `ip -batch -`, in order.
+    pub batch: Vec<String>,
+    /// Human-readable changes.
+    pub repairs: Vec<String>,
+    /// Bridges (re-)created by this plan: their dnsmasq must be restarted (its DHCP socket is bound to the
+    /// old interface index).
+    pub created_bridges: BTreeSet<String>,
+}
+
+/// Computes the `ip` commands that make `links` match `desired`. Links named in `owned` (created by kumo
+/// earlier) and not desired are deleted; links kumo does not own are never touched unless desired.
+pub(crate) fn plan(
+    links: &[Link],
+    desired: &[Network],
+    owned: &Ledger,
+    manage_lo: bool,
+) -> Result<LinkPlan, NetworkError> {
+    let by_name: HashMap<&str, &Link> = links.iter().map(|l| (l.ifname.as_str(), l)).collect();
+    let mut plan = LinkPlan::default();
+    let desired_bridges: BTreeSet<&str> = desired.iter().map(|n| n.bridge.as_str()).collect();
+    let desired_taps: BTreeSet<&str> = desired
+        .iter()
+        .flat_map(|n| n.ports.iter().map(|p| p.tap.as_str()))
+        .collect();
+
+    if manage_lo {
+        if let Some(lo) = by_name.get("lo") {
+            if !lo.is_up() {
+                plan.batch.push("link set lo up".into());
+                plan.repairs.push("brought lo up".into());
+            }
+        }
+    }
+
+    // 1. Remove what kumo created and no longer wants.
+    for tap in &owned.taps {
+        if !desired_taps.contains(tap.as_str()) && by_name.contains_key(tap.as_str()) {
+            plan.batch.push(format!("link del dev {tap}"));
+            plan.repairs.push(format!("removed tap {tap}"));
+        }
+    }
+    for bridge in &owned.bridges {
+        if !desired_bridges.contains(bridge.as_str()) && by_name.contains_key(bridge.as_str()) {
+            plan.batch.push(format!("link del dev {bridge}"));
+            plan.repairs.push(format!("removed bridge {bridge}"));
+        }
+    }
+
+    // 2. Bridges.
+    for net in desired {
+        let br = &net.bridge;
+        let mac = bridge_mac(br);
+        let mtu = net.mtu.map(|m| format!(" mtu {m}")).unwrap_or_default();
+        let existing = match by_name.get(br.as_str()) {
+            Some(link) if link.kind() != "bridge" => {
+                if !owned.bridges.contains(br) && !owned.taps.contains(br) {
+                    return Err(NetworkError::Conflict {
+                        name: br.clone(),
+                        found: link.kind(),
+                        expected: "bridge",
+                    });
+                }
+                plan.batch.push(format!("link del dev {br}"));
+                None
+            }
+            other => other.copied(),
+        };
+        let want_addr = (net.gateway, net.prefix);
+        match existing {
+            None => {
+                plan.batch
+                    .push(format!("link add name {br} address {mac}{mtu} type bridge"));
+                plan.batch.push(format!(
+                    "address add {}/{} broadcast + dev {br}",
+                    net.gateway, net.prefix
+                ));
+                plan.batch.push(format!("link set dev {br} up"));
+                plan.created_bridges.insert(br.clone());
+                let verb = if owned.bridges.contains(br) {
+                    "re-created"
+                } else {
+                    "created"
+                };
+                plan.repairs
+                    .push(format!("{verb} bridge {br} for network {}", net.name));
+            }
+            Some(link) => {
+                if let Some(want) = net.mtu {
+                    if link.mtu != Some(want) {
+                        plan.batch.push(format!("link set dev {br} mtu {want}"));
+                        plan.repairs.push(format!("set mtu {want} on bridge {br}"));
+                    }
+                }
+                if link.address.as_deref().map(str::to_ascii_lowercase) != Some(mac.clone()) {
+                    plan.batch.push(format!("link set dev {br} address {mac}"));
+                    plan.repairs.push(format!("reset MAC of bridge {br}"));
+                }
+                let have = link.ipv4_addrs();
+                for (addr, prefix) in &have {
+                    if (*addr, *prefix) != want_addr {
+                        plan.batch
+                            .push(format!("address del {addr}/{prefix} dev {br}"));
+                        plan.repairs
+                            .push(format!("removed stray address {addr}/{prefix} from {br}"));
+                    }
+                }
+                if !have.contains(&want_addr) {
+                    plan.batch.push(format!(
+                        "address add {}/{} broadcast + dev {br}",
+                        net.gateway, net.prefix
+                    ));
+                    plan.repairs.push(format!(
+                        "restored gateway address {}/{} on {br}",
+                        net.gateway, net.prefix
+                    ));
+                }
+                if !link.is_up() {
+                    plan.batch.push(format!("link set dev {br} up"));
+                    plan.repairs.push(format!("brought bridge {br} up"));
+                }
+            }
+        }
+    }
+
+    // 3. Taps.
+    for net in desired {
+        let br = &net.bridge;
+        let bridge_created = plan.created_bridges.contains(br);
+        for port in &net.ports {
+            let tap = &port.tap;
+            let mtu = net.mtu.map(|m| format!(" mtu {m}")).unwrap_or_default();
+            let existing = match by_name.get(tap.as_str()) {
+                Some(link) if link.kind() != "tap" => {
+                    if !owned.taps.contains(tap) && !owned.bridges.contains(tap) {
+                        return Err(NetworkError::Conflict {
+                            name: tap.clone(),
+                            found: link.kind(),
+                            expected: "tap",
+                        });
+                    }
+                    plan.batch.push(format!("link del dev {tap}"));
+                    None
+                }
+                other => other.copied(),
+            };
+            match existing {
+                None => {
+                    plan.batch.push(format!("tuntap add dev {tap} mode tap"));
+                    plan.batch
+                        .push(format!("link set dev {tap}{mtu} master {br} up"));
+                    let verb = if owned.taps.contains(tap) {
+                        "re-created"
+                    } else {
+                        "created"
+                    };
+                    plan.repairs.push(format!("{verb} tap {tap} on {br}"));
+                }
+                Some(link) => {
+                    if let Some(want) = net.mtu {
+                        if link.mtu != Some(want) {
+                            plan.batch.push(format!("link set dev {tap} mtu {want}"));
+                            plan.repairs.push(format!("set mtu {want} on tap {tap}"));
+                        }
+                    }
+                    if bridge_created || link.master.as_deref() != Some(br.as_str()) {
+                        plan.batch.push(format!("link set dev {tap} master {br}"));
+                        if !bridge_created {
+                            plan.repairs.push(format!("attached tap {tap} to {br}"));
+                        }
+                    }
+                    if !link.is_up() {
+                        plan.batch.push(format!("link set dev {tap} up"));
+                        plan.repairs.push(format!("brought tap {tap} up"));
+                    }
+                }
+            }
+        }
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{validate, NetworkSpec, PortSpec};
+
+    const SAMPLE: &str = r#"[
+ {"ifindex":1,"ifname":"lo","flags":["LOOPBACK","UP","LOWER_UP"],"mtu":65536,"address":"00:00:00:00:00:00","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8}]},
+ {"ifindex":5,"ifname":"kb-default","flags":["BROADCAST","MULTICAST","UP"],"mtu":1500,"address":"MAC","linkinfo":{"info_kind":"bridge","info_data":{"stp_state":0}},"addr_info":[{"family":"inet","local":"10.77.0.1","prefixlen":24},{"family":"inet6","local":"fe80::1","prefixlen":64}]},
+ {"ifindex":6,"ifname":"kt-a","flags":["NO-CARRIER","BROADCAST","MULTICAST","UP"],"mtu":1500,"master":"kb-default","address":"aa:bb:cc:dd:ee:01","linkinfo":{"info_kind":"tun","info_data":{"type":"tap"}},"addr_info":[]},
+ {"ifindex":7,"ifname":"kt-old","flags":["BROADCAST","MULTICAST"],"mtu":1500,"master":"kb-default","linkinfo":{"info_kind":"tun","info_data":{"type":"tap"}},"addr_info":[]},
+ {"ifindex":8,"ifname":"veth0","flags":["UP"],"mtu":1500,"master":"kb-default","linkinfo":{"info_kind":"veth"},"addr_info":[]}
+]"#;
+
+    fn desired(taps: &[&str]) -> Vec<Network> {
+        let ports = taps
+            .iter()
+            .enumerate()
+            .map(|(i, t)| PortSpec {
+                tap: (*t).into(),
+                mac: format!("02:00:00:00:00:{:02x}", i + 1),
+                ip: format!("10.77.0.{}", i + 10),
+                hostname: format!("vm{i}"),
+            })
+            .collect();
+        validate(&[(
+            NetworkSpec {
+                name: "default".into(),
+                bridge: "kb-default".into(),
+                cidr: "10.77.0.0/24".into(),
+                gateway: "10.77.0.1".into(),
+                mtu: None,
+            },
+            ports,
+        )])
+        .unwrap()
+    }
+
+    fn sample() -> Vec<Link> {
+        parse_links("test", &SAMPLE.replace("MAC", &bridge_mac("kb-default"))).unwrap()
+    }
+
+    #[test]
+    fn converged_host_needs_nothing() {
+        let owned = Ledger::default();
+        let mut links = sample();
+        links.retain(|l| l.ifname != "kt-old");
+        let plan = plan(&links, &desired(&["kt-a"]), &owned, true).unwrap();
+        assert!(plan.batch.is_empty(), "{:?}", plan.batch);
+        assert!(plan.repairs.is_empty());
+    }
+
+    #[test]
+    fn removes_only_owned_links_and_creates_missing_ones() {
+        let mut owned = Ledger::default();
+        owned.taps.insert("kt-old".into());
+        owned.bridges.insert("kb-default".into());
+        let plan = plan(&sample(), &desired(&["kt-a", "kt-b"]), &owned, true).unwrap();
+        assert_eq!(
+            plan.batch,
+            vec![
+                "link del dev kt-old",
+                "tuntap add dev kt-b mode tap",
+                "link set dev kt-b master kb-default up",
+            ]
+        );
+        assert!(!plan.batch.iter().any(|l| l.contains("veth0")));
+    }
+
+    #[test]
+    fn recreates_missing_bridge_and_reattaches_taps() {
+        let mut owned = Ledger::default();
+        owned.bridges.insert("kb-default".into());
+        owned.taps.insert("kt-a".into());
+        let mut links = sample();
+        links.retain(|l| l.ifname != "kb-default" && l.ifname != "kt-old");
+        links[1].master = None;
+        let plan = plan(&links, &desired(&["kt-a"]), &owned, true).unwrap();
+        assert!(plan.created_bridges.contains("kb-default"));
+        assert!(plan
+            .batch
+            .contains(&"link set dev kt-a master kb-default".to_string()));
+        assert_eq!(
+            plan.repairs,
+            vec!["re-created bridge kb-default for network default"]
+        );
+    }
+
+    #[test]
+    fn refuses_to_replace_foreign_interface() {
+        let links = sample();
+        let err = plan(&links, &desired(&["veth0"]), &Ledger::default(), true).unwrap_err();
+        assert!(matches!(err, NetworkError::Conflict { .. }));
+    }
+}

@@ -1,0 +1,53 @@
+//! `kumo dev ...`: developer tools.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+
+/// The guest build script, embedded so the installed binary can build the demo image.
+const BUILD_GUEST: &str = include_str!("../../../guest/build-guest.sh");
+
+#[derive(Subcommand)]
+pub enum DevCmd {
+    /// Build the test guest (kernel, initramfs, data disk) from Debian packages.
+    BuildGuest {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the OpenAPI document of the native API.
+    Openapi,
+}
+
+pub async fn run(c: DevCmd) -> anyhow::Result<()> {
+    match c {
+        DevCmd::BuildGuest { out } => {
+            build_guest(&out).await?;
+            println!("guest built in {}", out.display());
+            Ok(())
+        }
+        DevCmd::Openapi => {
+            println!("{}", kumo_api::openapi_json());
+            Ok(())
+        }
+    }
+}
+
+/// Run the embedded build script into `out`.
+pub async fn build_guest(out: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let script = out.join(".build-guest.sh");
+    std::fs::write(&script, BUILD_GUEST)
+        .with_context(|| format!("writing {}", script.display()))?;
+    let status = tokio::process::Command::new("bash")
+        .arg(&script)
+        .arg(out)
+        .status()
+        .await
+        .context("running the guest build script")?;
+    let _ = std::fs::remove_file(&script);
+    if !status.success() {
+        bail!("building the test guest failed ({status}); see the messages above");
+    }
+    Ok(())
+}

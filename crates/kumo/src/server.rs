@@ -1,0 +1,173 @@
+//! `kumo server` and `kumo agent`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use kumo_controller::{Config, Controller};
+use kumo_store::Store;
+
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// Where the store and images live.
+    #[arg(long, env = "KUMO_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:8780")]
+    pub listen: SocketAddr,
+    /// SigV4 region clients sign for.
+    #[arg(long, default_value = "kumo")]
+    pub region: String,
+    /// Seconds without a heartbeat before a host is `down`.
+    #[arg(long, default_value_t = 10)]
+    pub heartbeat_timeout: u64,
+    /// CIDR of the default network, used when the store is first created.
+    #[arg(long, default_value = "10.77.0.0/24")]
+    pub default_cidr: String,
+    /// Write the admin credentials and a join token here when the store is first created.
+    #[arg(long)]
+    pub bootstrap_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// The controller's URL.
+    #[arg(long, env = "KUMO_CONTROLLER", default_value = "http://127.0.0.1:8780")]
+    pub controller: String,
+    /// Join token (needed the first time only).
+    #[arg(long, env = "KUMO_JOIN_TOKEN")]
+    pub join_token: Option<String>,
+    #[arg(long, env = "KUMO_AGENT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Host name (default: the machine's hostname).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long, default_value = "site1")]
+    pub site: String,
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// URL the controller uses to reach this agent (default: from the bound address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// qemu or sim.
+    #[arg(long, default_value = "qemu")]
+    pub hypervisor: String,
+    /// auto, kvm or tcg.
+    #[arg(long, default_value = "auto")]
+    pub accel: kumo_hypervisor::AccelChoice,
+    /// Put VM networks and QEMU in this network namespace (created if missing).
+    #[arg(long)]
+    pub vm_netns: Option<String>,
+    #[arg(long, default_value_t = 2)]
+    pub heartbeat_interval: u64,
+    /// Seconds a stop waits for the guest to power off before forcing it.
+    #[arg(long, default_value_t = 30)]
+    pub stop_timeout: u64,
+}
+
+pub struct Bootstrapped {
+    pub ctl: Controller,
+    pub region: String,
+    pub bootstrap: Option<kumo_store::Bootstrap>,
+}
+
+pub async fn open_controller(a: &ServerArgs) -> anyhow::Result<Bootstrapped> {
+    let data = a.data_dir.clone().unwrap_or_else(crate::default_data_dir);
+    let image_dir = data.join("images");
+    std::fs::create_dir_all(&image_dir)
+        .with_context(|| format!("creating {}", image_dir.display()))?;
+    let store = Store::open_sqlite(&data.join("kumo.db"))
+        .await
+        .context("opening the store")?;
+    let bootstrap = store
+        .bootstrap(&a.default_cidr)
+        .await
+        .context("initialising the store")?;
+    let cfg = Config {
+        image_dir,
+        heartbeat_timeout: Duration::from_secs(a.heartbeat_timeout),
+        policy: kumo_scheduler::Policy::default(),
+        default_network: "default".into(),
+    };
+    let ctl = Controller::new(store, cfg)?;
+    ctl.start_background().await?;
+    Ok(Bootstrapped {
+        ctl,
+        region: a.region.clone(),
+        bootstrap,
+    })
+}
+
+/// Serve the API on `listen`; returns the bound address once listening.
+pub async fn serve(
+    ctl: Controller,
+    region: String,
+    listen: SocketAddr,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let app = kumo_api::router(kumo_api::AppState { ctl, region });
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let addr = listener.local_addr()?;
+    let h = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "API server stopped");
+        }
+    });
+    Ok((addr, h))
+}
+
+pub async fn run_server(a: ServerArgs) -> anyhow::Result<()> {
+    let b = open_controller(&a).await?;
+    if let (Some(boot), Some(path)) = (&b.bootstrap, &a.bootstrap_file) {
+        let v = serde_json::json!({
+            "access_key_id": boot.access_key.id,
+            "secret_access_key": boot.access_key.secret,
+            "join_token": boot.join_token,
+            "region": a.region,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&v)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let (addr, h) = serve(b.ctl, b.region, a.listen).await?;
+    tracing::info!(%addr, "kumo controller listening");
+    tokio::select! {
+        _ = h => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
+}
+
+pub fn agent_config(a: &AgentArgs) -> kumo_agent::Config {
+    let name = a.name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "host1".into())
+    });
+    kumo_agent::Config {
+        data_dir: a
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| crate::default_data_dir().join("agent")),
+        controller: a.controller.trim_end_matches('/').to_string(),
+        join_token: a.join_token.clone(),
+        name,
+        site: a.site.clone(),
+        listen: a.listen,
+        advertise: a.advertise.clone(),
+        hypervisor: a.hypervisor.clone(),
+        accel: a.accel,
+        vm_netns: a.vm_netns.clone(),
+        heartbeat_interval: Duration::from_secs(a.heartbeat_interval.max(1)),
+        stop_timeout: Duration::from_secs(a.stop_timeout),
+    }
+}
+
+pub async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
+    let agent = kumo_agent::start(agent_config(&a)).await?;
+    tracing::info!(host = %agent.identity().host_id, "kumo agent running");
+    tokio::signal::ctrl_c().await?;
+    // VMs keep running: the next agent process re-attaches to them.
+    Ok(())
+}
