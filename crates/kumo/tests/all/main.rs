@@ -1,0 +1,11 @@
+//! kumo's integration tests: one binary (fast to link), one module per area.
+//! Real-VM tests need root, QEMU, dnsmasq and namespaces: in CI they run, and a missing
+//! prerequisite is a failure, never a skip.
+
+mod api;
+mod common;
+mod e2e;
+mod images;
+mod openapi;
+mod restart;
+mod sim;
