@@ -140,18 +140,15 @@ impl Agent {
             (e.rec.clone(), e.converging)
         };
         let actual = self.hv.state(id).await.unwrap_or(PowerState::Stopped);
-        let power = if converging {
-            match rec.desired.power {
-                DesiredPower::Running => ObservedPower::Starting,
-                DesiredPower::Stopped => ObservedPower::Stopping,
-            }
-        } else if rec.error.is_some() && actual == PowerState::Stopped {
-            ObservedPower::Failed
-        } else {
-            match actual {
-                PowerState::Running | PowerState::Paused => ObservedPower::Running,
-                PowerState::Stopped => ObservedPower::Stopped,
-            }
+        let is_on = actual != PowerState::Stopped;
+        // While converging, report the transition in progress; a reboot or a no-op change of a
+        // running VM keeps it `Running`, as EC2 does.
+        let power = match (converging, rec.desired.power, is_on) {
+            (true, DesiredPower::Running, false) => ObservedPower::Starting,
+            (true, DesiredPower::Stopped, true) => ObservedPower::Stopping,
+            (_, _, true) => ObservedPower::Running,
+            (_, _, false) if rec.error.is_some() => ObservedPower::Failed,
+            (_, _, false) => ObservedPower::Stopped,
         };
         Some(VmObserved {
             id: id.to_string(),

@@ -52,26 +52,14 @@ impl Controller {
     async fn new_image_row(
         &self,
         scope: &Scope,
-        name: &str,
         kind: ImageKind,
-        kernel_id: Option<String>,
-        ramdisk_id: Option<String>,
-        cmdline: Option<String>,
-        public: bool,
+        new: NewImage,
     ) -> Result<ImageRow, OpError> {
-        if kind != ImageKind::Disk && (kernel_id.is_some() || ramdisk_id.is_some()) {
+        if kind != ImageKind::Disk && (new.kernel_id.is_some() || new.ramdisk_id.is_some()) {
             return Err(OpError::Invalid(
                 "only disk images can name a kernel or ramdisk".into(),
             ));
         }
-        let new = NewImage {
-            name: name.to_string(),
-            kind: kind_name(kind).into(),
-            public,
-            kernel_id,
-            ramdisk_id,
-            cmdline,
-        };
         let dir = self.cfg.image_dir.clone();
         Ok(self
             .store
@@ -131,12 +119,15 @@ impl Controller {
         let img = self
             .new_image_row(
                 scope,
-                &req.name,
                 kind,
-                req.kernel_id.clone(),
-                req.ramdisk_id.clone(),
-                req.cmdline.clone(),
-                req.public,
+                NewImage {
+                    name: req.name.clone(),
+                    kind: kind_name(kind).into(),
+                    public: req.public,
+                    kernel_id: req.kernel_id.clone(),
+                    ramdisk_id: req.ramdisk_id.clone(),
+                    cmdline: req.cmdline.clone(),
+                },
             )
             .await?;
         let op = self
@@ -172,12 +163,15 @@ impl Controller {
         let img = self
             .new_image_row(
                 scope,
-                &params.name,
                 kind,
-                params.kernel_id.clone(),
-                params.ramdisk_id.clone(),
-                params.cmdline.clone(),
-                params.public,
+                NewImage {
+                    name: params.name.clone(),
+                    kind: kind_name(kind).into(),
+                    public: params.public,
+                    kernel_id: params.kernel_id.clone(),
+                    ramdisk_id: params.ramdisk_id.clone(),
+                    cmdline: params.cmdline.clone(),
+                },
             )
             .await?;
         let op = self

@@ -7,6 +7,7 @@
 //! | `spec.json` | the [`VmSpec`] it was last started with |
 //! | `qemu.pid` | QEMU's pid (written by QEMU's `-pidfile`) |
 //! | `qmp.sock` | QMP monitor (one client at a time; the driver holds it) |
+//! | `qmp-aux.sock` | a second QMP monitor, free for tools and debugging |
 //! | `serial.sock` | interactive serial console (server socket) |
 //! | `console.log` | everything the guest wrote to its serial port |
 //! | `vnc.sock` | VNC server |
@@ -53,6 +54,7 @@ const MAX_SOCKET_PATH: usize = 107;
 const SPEC_FILE: &str = "spec.json";
 const PID_FILE: &str = "qemu.pid";
 const QMP_SOCK: &str = "qmp.sock";
+const QMP_AUX_SOCK: &str = "qmp-aux.sock";
 const SERIAL_SOCK: &str = "serial.sock";
 const VNC_SOCK: &str = "vnc.sock";
 const CONSOLE_LOG: &str = "console.log";
@@ -102,6 +104,15 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, run_dir: &Path) -> Vec<String> {
         ),
         "-mon",
         "chardev=qmp,mode=control",
+    ]);
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=qmp-aux,path={},server=on,wait=off",
+            opt(&f(QMP_AUX_SOCK))
+        ),
+        "-mon",
+        "chardev=qmp-aux,mode=control",
     ]);
     push(&["-vnc", &format!("unix:{}", f(VNC_SOCK))]);
     push(&["-pidfile", &f(PID_FILE)]);
@@ -451,6 +462,12 @@ impl QemuDriver {
         self.inner.run_root.join(id)
     }
 
+    /// A second QMP socket of the VM that the driver never connects to: for tools, debugging and
+    /// code that wants its own session (`Qmp::connect(driver.aux_qmp_socket(id))`).
+    pub fn aux_qmp_socket(&self, id: &str) -> PathBuf {
+        self.run_dir(id).join(QMP_AUX_SOCK)
+    }
+
     /// The driver's QMP connection to a running VM, for commands beyond the trait (block jobs,
     /// migration, hot-plug). Share it: QEMU serves one QMP client per socket at a time.
     pub async fn qmp(&self, id: &str) -> Result<Arc<Qmp>, HypervisorError> {
@@ -481,7 +498,7 @@ impl QemuDriver {
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            if validate_id(&name).is_ok() && entry.path().is_dir() {
+            if validate_id(&name).is_ok() && entry.path().join(SPEC_FILE).is_file() {
                 ids.push(name);
             }
         }
@@ -576,7 +593,7 @@ impl QemuDriver {
 
     fn clear_runtime_files(&self, id: &str) {
         let dir = self.run_dir(id);
-        for f in [PID_FILE, QMP_SOCK, SERIAL_SOCK, VNC_SOCK] {
+        for f in [PID_FILE, QMP_SOCK, QMP_AUX_SOCK, SERIAL_SOCK, VNC_SOCK] {
             if let Err(e) = remove_if_exists(&dir.join(f)) {
                 tracing::warn!(%id, error = %e, "cannot remove runtime file");
             }
@@ -653,7 +670,7 @@ impl QemuDriver {
         let dir = self.run_dir(id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| HypervisorError::io(format!("creating {}", dir.display()), e))?;
-        for sock in [QMP_SOCK, SERIAL_SOCK, VNC_SOCK] {
+        for sock in [QMP_SOCK, QMP_AUX_SOCK, SERIAL_SOCK, VNC_SOCK] {
             let len = dir.join(sock).as_os_str().len();
             if len > MAX_SOCKET_PATH {
                 return Err(HypervisorError::InvalidSpec(format!(
@@ -988,10 +1005,14 @@ mod tests {
             [
                 "socket,id=serial0,path=/run/kumo/vms/i-0123456789abcdef0/serial.sock,server=on,wait=off,logfile=/run/kumo/vms/i-0123456789abcdef0/console.log,logappend=on",
                 "socket,id=qmp,path=/run/kumo/vms/i-0123456789abcdef0/qmp.sock,server=on,wait=off",
+                "socket,id=qmp-aux,path=/run/kumo/vms/i-0123456789abcdef0/qmp-aux.sock,server=on,wait=off",
             ]
         );
         assert_eq!(values(&a, "-serial"), ["chardev:serial0"]);
-        assert_eq!(values(&a, "-mon"), ["chardev=qmp,mode=control"]);
+        assert_eq!(
+            values(&a, "-mon"),
+            ["chardev=qmp,mode=control", "chardev=qmp-aux,mode=control"]
+        );
         assert_eq!(
             values(&a, "-vnc"),
             ["unix:/run/kumo/vms/i-0123456789abcdef0/vnc.sock"]

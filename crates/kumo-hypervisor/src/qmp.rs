@@ -325,20 +325,21 @@ async fn read_loop(
                 continue;
             }
         };
-        if msg.get("event").is_some() {
-            match serde_json::from_value::<QmpEvent>(msg.clone()) {
-                Ok(mut ev) => {
-                    if let Some(ts) = msg.get("timestamp") {
-                        ev.timestamp = ts
-                            .get("seconds")
-                            .and_then(Value::as_i64)
-                            .zip(ts.get("microseconds").and_then(Value::as_i64));
-                    }
-                    // No receivers is fine.
-                    let _ = events.send(ev);
-                }
-                Err(e) => tracing::warn!(error = %e, "malformed QMP event"),
-            }
+        if let Some(event) = msg.get("event").and_then(Value::as_str) {
+            let ts = msg.get("timestamp");
+            let ev = QmpEvent {
+                event: event.to_string(),
+                data: msg.get("data").cloned().unwrap_or(Value::Null),
+                timestamp: ts
+                    .and_then(|t| t.get("seconds"))
+                    .and_then(Value::as_i64)
+                    .zip(
+                        ts.and_then(|t| t.get("microseconds"))
+                            .and_then(Value::as_i64),
+                    ),
+            };
+            // No receivers is fine.
+            let _ = events.send(ev);
             continue;
         }
         let Some(id) = msg.get("id").and_then(Value::as_u64) else {
@@ -420,6 +421,12 @@ mod tests {
 
     #[tokio::test]
     async fn talks_to_a_fake_server() {
+        tokio::time::timeout(Duration::from_secs(20), fake_server_session())
+            .await
+            .unwrap();
+    }
+
+    async fn fake_server_session() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("qmp.sock");
         let listener = UnixListener::bind(&path).unwrap();
@@ -430,7 +437,10 @@ mod tests {
         let st = qmp.query_status().await.unwrap();
         assert!(st.running);
         assert_eq!(st.status, "running");
-        let ev = events.recv().await.unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(ev.event, "RESUME");
         assert_eq!(ev.timestamp, Some((1, 2)));
         let v = qmp.execute("echo", json!({"a": 1})).await.unwrap();

@@ -220,6 +220,12 @@ async fn lifecycle_reattach_stop_cleanup() {
     assert_eq!(ro_of("disk0"), Some(Value::Bool(false)), "{block}");
     assert_eq!(ro_of("disk1"), Some(Value::Bool(true)), "{block}");
     drop(qmp);
+    // The aux QMP socket works while the driver holds the main one.
+    let aux = kumo_hypervisor::qmp::Qmp::connect(d1.aux_qmp_socket(&id))
+        .await
+        .unwrap();
+    assert!(aux.query_status().await.unwrap().running);
+    drop(aux);
 
     let listed = d1.list().await.unwrap();
     assert_eq!(listed.len(), 1);
@@ -438,7 +444,108 @@ async fn nic_in_netns() {
     bad.netns = Some(format!("{ns}-missing"));
     let err = d.start(&bad).await.unwrap_err();
     assert!(matches!(err, HypervisorError::StartFailed { .. }), "{err}");
-    assert!(err.to_string().contains("netns"), "{err}");
+    assert!(err.to_string().contains("network namespace"), "{err}");
     d.kill(&id).await.unwrap();
     assert!(qemu_pids(&id).is_empty());
+}
+
+/// Boots a real kernel when `KUMO_TEST_KERNEL` (a PVH `vmlinux`) and `KUMO_TEST_INITRD` are set;
+/// the initramfs's `/init` must print `KUMO-GUEST-BOOTED` and power off. Skipped otherwise.
+#[tokio::test]
+async fn boots_a_kernel_and_notices_guest_poweroff() {
+    let (Ok(kernel), Ok(initrd)) = (
+        std::env::var("KUMO_TEST_KERNEL"),
+        std::env::var("KUMO_TEST_INITRD"),
+    ) else {
+        eprintln!("skipping: KUMO_TEST_KERNEL / KUMO_TEST_INITRD not set");
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let id = unique_id("boot");
+    let _reaper = Reaper {
+        ids: vec![id.clone()],
+        netns: None,
+    };
+    let d = QemuDriver::new(work.path().join("run"), AccelChoice::Auto)
+        .await
+        .unwrap();
+    let mut s = spec(&id, vec![]);
+    s.memory_mib = 256;
+    s.kernel = Some(kernel.into());
+    s.initrd = Some(initrd.into());
+    s.cmdline = Some("console=ttyS0 quiet panic=-1".into());
+    let t = Instant::now();
+    d.start(&s).await.unwrap();
+    let log = d.console_log(&id);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("KUMO-GUEST-BOOTED") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no boot line; console:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("start -> guest /init: {} ms", t.elapsed().as_millis());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.state(&id).await.unwrap() != PowerState::Stopped {
+        assert!(Instant::now() < deadline, "guest poweroff not noticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("start -> guest powered off: {} ms", t.elapsed().as_millis());
+    assert!(qemu_pids(&id).is_empty());
+    d.cleanup(&id).await.unwrap();
+}
+
+/// The agent dies (SIGKILL) right after starting a VM: QEMU keeps running and a new driver on
+/// the same run root re-attaches. The "agent" is this test binary re-executed as a child.
+#[tokio::test]
+async fn qemu_survives_agent_death() {
+    const ROOT_ENV: &str = "KUMO_HV_TEST_AGENT_ROOT";
+    if let Ok(root) = std::env::var(ROOT_ENV) {
+        // Child ("agent") side.
+        let id = std::env::var("KUMO_HV_TEST_AGENT_ID").unwrap();
+        let d = QemuDriver::new(root.into(), AccelChoice::Tcg)
+            .await
+            .unwrap();
+        d.start(&spec(&id, vec![])).await.unwrap();
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+        unreachable!();
+    }
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("run");
+    let id = unique_id("orphan");
+    let _reaper = Reaper {
+        ids: vec![id.clone()],
+        netns: None,
+    };
+    // Orphaned QEMU is re-parented to us instead of a pid 1 that may never reap it.
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
+    let status = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "qemu_survives_agent_death", "--nocapture"])
+        .env(ROOT_ENV, &root)
+        .env("KUMO_HV_TEST_AGENT_ID", &id)
+        .status()
+        .await
+        .unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    let pids = qemu_pids(&id);
+    assert_eq!(pids.len(), 1, "QEMU died with its agent");
+    let d = QemuDriver::new(root, AccelChoice::Tcg).await.unwrap();
+    assert_eq!(d.state(&id).await.unwrap(), PowerState::Running);
+    assert_eq!(d.list().await.unwrap()[0].pid, Some(pids[0]));
+    d.kill(&id).await.unwrap();
+    assert_eq!(d.state(&id).await.unwrap(), PowerState::Stopped);
+    unsafe {
+        libc::waitpid(pids[0] as i32, std::ptr::null_mut(), 0);
+    }
+    assert!(!Path::new(&format!("/proc/{}", pids[0])).exists());
+    d.cleanup(&id).await.unwrap();
 }

@@ -45,11 +45,19 @@ pub struct Cloud {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 fn log_file(dir: &Path, name: &str) -> Stdio {
-    std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name)).map(Stdio::from).expect("log file")
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(name))
+        .map(Stdio::from)
+        .expect("log file")
 }
 
 impl Cloud {
@@ -62,7 +70,10 @@ impl Cloud {
 
     /// A controller with no agents yet.
     pub async fn controller_only() -> Cloud {
-        let dir = tempfile::Builder::new().prefix("kumo-test-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("kumo-test-")
+            .tempdir()
+            .expect("tempdir");
         let port = free_port();
         let endpoint = format!("http://127.0.0.1:{port}");
         let boot = dir.path().join("bootstrap.json");
@@ -72,7 +83,13 @@ impl Cloud {
             endpoint: endpoint.clone(),
             server: None,
             agents: vec![],
-            client: Client::new(ClientConfig { endpoint: endpoint.clone(), region: "kumo".into(), access_key_id: String::new(), secret_access_key: String::new() }).expect("client"),
+            client: Client::new(ClientConfig {
+                endpoint: endpoint.clone(),
+                region: "kumo".into(),
+                access_key_id: String::new(),
+                secret_access_key: String::new(),
+            })
+            .expect("client"),
             access_key_id: String::new(),
             secret: String::new(),
             join_token: String::new(),
@@ -80,10 +97,16 @@ impl Cloud {
         cloud.start_server();
         let deadline = Instant::now() + Duration::from_secs(30);
         while !boot.exists() {
-            assert!(Instant::now() < deadline, "controller did not write its bootstrap file; see {}", cloud.dir.path().join("server.log").display());
+            assert!(
+                Instant::now() < deadline,
+                "controller did not write its bootstrap file; see {}",
+                cloud.dir.path().join("server.log").display()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&boot).expect("read bootstrap")).expect("bootstrap json");
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&boot).expect("read bootstrap"))
+                .expect("bootstrap json");
         cloud.access_key_id = v["access_key_id"].as_str().expect("key").to_string();
         cloud.secret = v["secret_access_key"].as_str().expect("secret").to_string();
         cloud.join_token = v["join_token"].as_str().expect("token").to_string();
@@ -93,7 +116,13 @@ impl Cloud {
     }
 
     pub fn client_for(&self, key: &str, secret: &str) -> Client {
-        Client::new(ClientConfig { endpoint: self.endpoint.clone(), region: "kumo".into(), access_key_id: key.into(), secret_access_key: secret.into() }).expect("client")
+        Client::new(ClientConfig {
+            endpoint: self.endpoint.clone(),
+            region: "kumo".into(),
+            access_key_id: key.into(),
+            secret_access_key: secret.into(),
+        })
+        .expect("client")
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -103,7 +132,13 @@ impl Cloud {
     /// Start (or restart) the controller on the same port and data dir.
     pub fn start_server(&mut self) {
         let child = Command::new(KUMO)
-            .args(["server", "--listen", &format!("127.0.0.1:{}", self.port), "--heartbeat-timeout", "6"])
+            .args([
+                "server",
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--heartbeat-timeout",
+                "6",
+            ])
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--bootstrap-file")
@@ -133,10 +168,18 @@ impl Cloud {
     pub async fn wait_api(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if reqwest::get(format!("{}/healthz", self.endpoint)).await.map(|r| r.status().is_success()).unwrap_or(false) {
+            if reqwest::get(format!("{}/healthz", self.endpoint))
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false)
+            {
                 return;
             }
-            assert!(Instant::now() < deadline, "controller did not answer; see {}", self.dir.path().join("server.log").display());
+            assert!(
+                Instant::now() < deadline,
+                "controller did not answer; see {}",
+                self.dir.path().join("server.log").display()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -145,18 +188,37 @@ impl Cloud {
     pub async fn add_agent(&mut self, hv: Hv) -> usize {
         let n = self.agents.len();
         let name = format!("host{n}");
-        let netns = (hv == Hv::Qemu).then(|| format!("kt{}-{}", std::process::id() % 100000, SEQ.fetch_add(1, Ordering::SeqCst)));
+        let netns = (hv == Hv::Qemu).then(|| {
+            format!(
+                "kt{}-{}",
+                std::process::id() % 100000,
+                SEQ.fetch_add(1, Ordering::SeqCst)
+            )
+        });
         let data_dir = self.dir.path().join(&name);
-        self.agents.push(AgentProc { name, data_dir, netns, child: None, hv });
+        self.agents.push(AgentProc {
+            name,
+            data_dir,
+            netns,
+            child: None,
+            hv,
+        });
         self.start_agent(n);
         let before = self.agents.len();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let hosts = self.client.hosts().await.unwrap_or_default();
-            if hosts.iter().any(|h| h.name == self.agents[n].name && h.state == "up") {
+            if hosts
+                .iter()
+                .any(|h| h.name == self.agents[n].name && h.state == "up")
+            {
                 break;
             }
-            assert!(Instant::now() < deadline, "agent {n} did not register; see {}", self.dir.path().join(format!("agent{n}.log")).display());
+            assert!(
+                Instant::now() < deadline,
+                "agent {n} did not register; see {}",
+                self.dir.path().join(format!("agent{n}.log")).display()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(before, self.agents.len());
@@ -166,13 +228,30 @@ impl Cloud {
     pub fn start_agent(&mut self, n: usize) {
         let a = &self.agents[n];
         let mut cmd = Command::new(KUMO);
-        cmd.args(["agent", "--controller", &self.endpoint, "--join-token", &self.join_token, "--name", &a.name, "--heartbeat-interval", "1", "--stop-timeout", "10"])
-            .arg("--data-dir")
-            .arg(&a.data_dir)
-            .args(["--hypervisor", if a.hv == Hv::Qemu { "qemu" } else { "sim" }, "--accel", "tcg"])
-            .env("KUMO_LOG", "info,kumo=debug")
-            .stdout(log_file(self.dir.path(), &format!("agent{n}.log")))
-            .stderr(log_file(self.dir.path(), &format!("agent{n}.log")));
+        cmd.args([
+            "agent",
+            "--controller",
+            &self.endpoint,
+            "--join-token",
+            &self.join_token,
+            "--name",
+            &a.name,
+            "--heartbeat-interval",
+            "1",
+            "--stop-timeout",
+            "10",
+        ])
+        .arg("--data-dir")
+        .arg(&a.data_dir)
+        .args([
+            "--hypervisor",
+            if a.hv == Hv::Qemu { "qemu" } else { "sim" },
+            "--accel",
+            "tcg",
+        ])
+        .env("KUMO_LOG", "info,kumo=debug")
+        .stdout(log_file(self.dir.path(), &format!("agent{n}.log")))
+        .stderr(log_file(self.dir.path(), &format!("agent{n}.log")));
         if let Some(ns) = &a.netns {
             cmd.args(["--vm-netns", ns]);
         }
@@ -190,7 +269,12 @@ impl Cloud {
     /// Import the test guest as `demo` (kernel + initrd + disk), public.
     pub async fn demo_image(&self) -> String {
         let guest = guest_dir().await;
-        let import = |name: &str, kind: &str, file: &str, kernel: Option<String>, ramdisk: Option<String>, cmdline: Option<String>| ImportImage {
+        let import = |name: &str,
+                      kind: &str,
+                      file: &str,
+                      kernel: Option<String>,
+                      ramdisk: Option<String>,
+                      cmdline: Option<String>| ImportImage {
             name: name.into(),
             kind: Some(kind.into()),
             path: guest.join(file).display().to_string(),
@@ -200,22 +284,56 @@ impl Cloud {
             cmdline,
             public: true,
         };
-        let k = self.import_wait(&import("demo-kernel", "kernel", "vmlinux", None, None, None)).await;
-        let r = self.import_wait(&import("demo-initrd", "ramdisk", "initrd.img", None, None, None)).await;
-        self.import_wait(&import("demo", "disk", "disk.qcow2", Some(k), Some(r), Some("console=ttyS0 quiet".into()))).await
+        let k = self
+            .import_wait(&import(
+                "demo-kernel",
+                "kernel",
+                "vmlinux",
+                None,
+                None,
+                None,
+            ))
+            .await;
+        let r = self
+            .import_wait(&import(
+                "demo-initrd",
+                "ramdisk",
+                "initrd.img",
+                None,
+                None,
+                None,
+            ))
+            .await;
+        self.import_wait(&import(
+            "demo",
+            "disk",
+            "disk.qcow2",
+            Some(k),
+            Some(r),
+            Some("console=ttyS0 quiet".into()),
+        ))
+        .await
     }
 
     pub async fn import_wait(&self, req: &ImportImage) -> String {
         let started = self.client.import_image(req).await.expect("import");
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let op = self.client.operation(&started.operation.id).await.expect("op");
+            let op = self
+                .client
+                .operation(&started.operation.id)
+                .await
+                .expect("op");
             match op.state.as_str() {
                 "succeeded" => return started.image.id,
                 "failed" => panic!("import of {} failed: {:?}", req.name, op.error),
                 _ => {}
             }
-            assert!(Instant::now() < deadline, "import of {} did not finish", req.name);
+            assert!(
+                Instant::now() < deadline,
+                "import of {} did not finish",
+                req.name
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -228,7 +346,13 @@ impl Cloud {
             if i.state == want {
                 return i;
             }
-            assert!(Instant::now() < deadline, "{id} is {} (last error {:?}), wanted {want}; logs in {}", i.state, i.last_error, self.dir.path().display());
+            assert!(
+                Instant::now() < deadline,
+                "{id} is {} (last error {:?}), wanted {want}; logs in {}",
+                i.state,
+                i.last_error,
+                self.dir.path().display()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -242,7 +366,11 @@ impl Cloud {
                     return out.output;
                 }
             }
-            assert!(Instant::now() < deadline, "{id}'s console never showed {needle:?}; logs in {}", self.dir.path().display());
+            assert!(
+                Instant::now() < deadline,
+                "{id}'s console never showed {needle:?}; logs in {}",
+                self.dir.path().display()
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -259,33 +387,72 @@ impl Cloud {
 
     /// Tap devices in an agent's VM namespace.
     pub fn taps(&self, n: usize) -> Vec<String> {
-        let Some(ns) = &self.agents[n].netns else { return vec![] };
-        let out = Command::new("ip").args(["netns", "exec", ns, "ip", "-br", "link"]).output().expect("ip");
-        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with("kt-")).map(|s| s.split('@').next().unwrap_or(s).to_string()).collect()
+        let Some(ns) = &self.agents[n].netns else {
+            return vec![];
+        };
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "ip", "-br", "link"])
+            .output()
+            .expect("ip");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with("kt-"))
+            .map(|s| s.split('@').next().unwrap_or(s).to_string())
+            .collect()
     }
 
     /// Run a command inside an agent's VM namespace (e.g. to reach a guest).
     pub fn in_netns(&self, n: usize, args: &[&str]) -> std::process::Output {
-        let ns = self.agents[n].netns.as_deref().expect("agent has a namespace");
-        Command::new("ip").args(["netns", "exec", ns]).args(args).output().expect("ip netns exec")
+        let ns = self.agents[n]
+            .netns
+            .as_deref()
+            .expect("agent has a namespace");
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .output()
+            .expect("ip netns exec")
     }
 
     /// HTTP GET from inside the agent's VM namespace.
     pub fn guest_http(&self, n: usize, ip: &str, path: &str) -> Option<String> {
-        let out = self.in_netns(n, &["timeout", "5", "busybox", "wget", "-q", "-O", "-", &format!("http://{ip}{path}")]);
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        let out = self.in_netns(
+            n,
+            &[
+                "timeout",
+                "5",
+                "busybox",
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                &format!("http://{ip}{path}"),
+            ],
+        );
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
 
 /// Pids whose command line contains every needle.
 pub fn pids_matching(needles: &[&str]) -> Vec<u32> {
     let mut out = vec![];
-    let Ok(rd) = std::fs::read_dir("/proc") else { return out };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for e in rd.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z'))).unwrap_or(true);
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
+            .unwrap_or(true);
         if !zombie && needles.iter().all(|n| cmd.contains(n)) {
             out.push(pid);
         }
@@ -313,7 +480,10 @@ impl Drop for Cloud {
         }
         if std::env::var_os("KUMO_TEST_KEEP").is_some() {
             let p = self.dir.path().to_path_buf();
-            std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")));
+            std::mem::forget(std::mem::replace(
+                &mut self.dir,
+                tempfile::tempdir().expect("tempdir"),
+            ));
             eprintln!("kept test dir {}", p.display());
         }
     }
@@ -326,7 +496,12 @@ pub async fn guest_dir() -> PathBuf {
     GUEST
         .get_or_init(|| async {
             let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-guest");
-            let ok = tokio::process::Command::new(KUMO).args(["dev", "build-guest", "--out"]).arg(&dir).status().await.expect("run build-guest");
+            let ok = tokio::process::Command::new(KUMO)
+                .args(["dev", "build-guest", "--out"])
+                .arg(&dir)
+                .status()
+                .await
+                .expect("run build-guest");
             assert!(ok.success(), "building the test guest failed");
             dir
         })
