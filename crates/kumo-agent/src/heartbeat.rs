@@ -65,7 +65,12 @@ pub(crate) async fn identity(
     address: &str,
     info: &HostInfo,
 ) -> Result<Identity, AgentError> {
-    if let Some(id) = ledger::load_identity(&cfg.data_dir)? {
+    if let Some(mut id) = ledger::load_identity(&cfg.data_dir)? {
+        // The controller may have moved (e.g. `kumo up` on another port): follow the config.
+        if id.controller != cfg.controller {
+            id.controller = cfg.controller.clone();
+            ledger::save_identity(&cfg.data_dir, &id)?;
+        }
         return Ok(id);
     }
     let token = cfg.join_token.clone().ok_or_else(|| {

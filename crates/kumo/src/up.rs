@@ -34,12 +34,17 @@ pub struct UpArgs {
     /// Exit once the cloud is ready instead of staying in the foreground (for scripts).
     #[arg(long)]
     pub detach_check: bool,
+    /// Network namespace for the local host's VM networks and QEMU processes.
+    #[arg(long, default_value = UP_NETNS)]
+    pub netns: String,
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct DownArgs {
     #[arg(long, env = "KUMO_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    #[arg(long, default_value = UP_NETNS)]
+    pub netns: String,
 }
 
 /// (command, Debian package) pairs `kumo up` needs.
@@ -206,7 +211,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         advertise: None,
         hypervisor: "qemu".into(),
         accel: a.accel,
-        vm_netns: Some(UP_NETNS.into()),
+        vm_netns: Some(a.netns.clone()),
         heartbeat_interval: 2,
         stop_timeout: 30,
     };
@@ -338,9 +343,9 @@ pub async fn down(a: DownArgs) -> anyhow::Result<()> {
         hv.kill(&vm.id).await?;
         println!("stopped {}", vm.id);
     }
-    let net = kumo_network::HostNetwork::new(Some(UP_NETNS.into()), agent_dir.join("net")).await?;
+    let net = kumo_network::HostNetwork::new(Some(a.netns.clone()), agent_dir.join("net")).await?;
     net.teardown().await?;
-    println!("removed network namespace {UP_NETNS}");
+    println!("removed network namespace {}", a.netns);
     Ok(())
 }
 
