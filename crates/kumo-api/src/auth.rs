@@ -61,7 +61,10 @@ async fn handle(st: AppState, req: Request, next: Next, request_id: String) -> R
     let method = req.method().clone();
     let streamed = is_streamed(&method, &path);
     let (mut parts, body) = req.into_parts();
+    // A streamed body is passed on untouched (the handler checks it against the signed hash).
+    let mut streamed_body = None;
     let bytes = if streamed {
+        streamed_body = Some(body);
         bytes::Bytes::new()
     } else {
         match to_bytes(body, MAX_BODY).await {
@@ -138,7 +141,8 @@ async fn handle(st: AppState, req: Request, next: Next, request_id: String) -> R
         }
     }
 
-    let req = Request::from_parts(parts, Body::from(bytes));
+    let body = streamed_body.unwrap_or_else(|| Body::from(bytes));
+    let req = Request::from_parts(parts, body);
     let resp = next.run(req).await;
 
     let resp = match (&idem_key, &request_hash) {

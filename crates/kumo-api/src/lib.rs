@@ -85,12 +85,25 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::pipeline,
         ));
-    api.fallback(|| async {
-        error::ApiError::new(
-            axum::http::StatusCode::NOT_FOUND,
-            "NotFound",
-            "no such API path",
-        )
-    })
-    .with_state(state)
+    api.fallback(not_found).with_state(state)
+}
+
+/// Unknown paths get the same error shape and request id as every other error.
+async fn not_found() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let id = kumo_types::new_id(kumo_types::IdKind::Request);
+    let mut resp = error::REQUEST_ID
+        .scope(id.clone(), async {
+            error::ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "NotFound",
+                "no such API path",
+            )
+            .into_response()
+        })
+        .await;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
 }

@@ -3,6 +3,9 @@
 //! It writes one line, `KUMO-GUEST-BOOTED id=<id>`, to `run_root/<id>/console.log` on every
 //! (re)boot so console APIs have something to show. It is cheap enough for thousands of
 //! simulated hosts in one process. It never stands in for a test that claims real VM behaviour.
+//!
+//! Each VM's spec and power state are also kept in `run_root/<id>/sim.json` and read back by
+//! [`SimDriver::new`]: like QEMU processes, simulated VMs outlive a restart of the agent.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -14,10 +17,13 @@ use crate::{
     validate_id, validate_spec, Accel, Hypervisor, HypervisorError, PowerState, VmInfo, VmSpec,
 };
 
+#[derive(serde::Serialize, serde::Deserialize)]
 struct SimVm {
     spec: VmSpec,
     state: PowerState,
 }
+
+const STATE_FILE: &str = "sim.json";
 
 /// In-memory hypervisor for controller tests.
 pub struct SimDriver {
@@ -34,12 +40,40 @@ impl std::fmt::Debug for SimDriver {
 }
 
 impl SimDriver {
-    /// Nothing is created on disk until a VM starts.
+    /// Nothing is created on disk until a VM starts. VMs a previous driver on the same
+    /// `run_root` left are picked up.
     pub fn new(run_root: PathBuf) -> Self {
+        let mut vms = HashMap::new();
+        for e in std::fs::read_dir(&run_root).into_iter().flatten().flatten() {
+            let Ok(b) = std::fs::read(e.path().join(STATE_FILE)) else {
+                continue;
+            };
+            match serde_json::from_slice::<SimVm>(&b) {
+                Ok(vm) => {
+                    vms.insert(vm.spec.id.clone(), vm);
+                }
+                Err(err) => {
+                    tracing::warn!(path = %e.path().display(), error = %err, "ignoring unreadable sim VM state")
+                }
+            }
+        }
         SimDriver {
             run_root,
-            vms: Mutex::new(HashMap::new()),
+            vms: Mutex::new(vms),
         }
+    }
+
+    /// Record a VM's spec and state (write a temp file, rename).
+    fn save(&self, vm: &SimVm) -> Result<(), HypervisorError> {
+        let dir = self.run_root.join(&vm.spec.id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| HypervisorError::io(format!("creating {}", dir.display()), e))?;
+        let path = dir.join(STATE_FILE);
+        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+        let data = serde_json::to_vec(vm).unwrap_or_default();
+        std::fs::write(&tmp, data)
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| HypervisorError::io(format!("writing {}", path.display()), e))
     }
 
     fn vms(&self) -> std::sync::MutexGuard<'_, HashMap<String, SimVm>> {
@@ -79,6 +113,7 @@ impl SimDriver {
     pub fn crash(&self, id: &str) {
         if let Some(vm) = self.vms().get_mut(id) {
             vm.state = PowerState::Stopped;
+            let _ = self.save(vm);
         }
     }
 
@@ -87,7 +122,7 @@ impl SimDriver {
         match vms.get_mut(id) {
             Some(vm) if vm.state == from => {
                 vm.state = to;
-                Ok(())
+                self.save(vm)
             }
             _ => Err(HypervisorError::NotRunning(id.to_string())),
         }
@@ -117,13 +152,12 @@ impl Hypervisor for SimDriver {
                     });
                 }
             }
-            vms.insert(
-                spec.id.clone(),
-                SimVm {
-                    spec: spec.clone(),
-                    state: PowerState::Running,
-                },
-            );
+            let vm = SimVm {
+                spec: spec.clone(),
+                state: PowerState::Running,
+            };
+            self.save(&vm)?;
+            vms.insert(spec.id.clone(), vm);
         }
         self.boot_line(&spec.id)?;
         Ok(VmInfo {
@@ -140,7 +174,10 @@ impl Hypervisor for SimDriver {
     async fn kill(&self, id: &str) -> Result<(), HypervisorError> {
         validate_id(id)?;
         if let Some(vm) = self.vms().get_mut(id) {
-            vm.state = PowerState::Stopped;
+            if vm.state != PowerState::Stopped {
+                vm.state = PowerState::Stopped;
+                self.save(vm)?;
+            }
         }
         Ok(())
     }
@@ -279,5 +316,25 @@ mod tests {
         assert!(h.list().await.unwrap().is_empty());
         assert!(h.start(&spec("../evil")).await.is_err());
         assert!(h.cleanup("..").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn vms_outlive_the_driver() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = SimDriver::new(dir.path().to_path_buf());
+        d.start(&spec("i-1")).await.unwrap();
+        d.start(&spec("i-2")).await.unwrap();
+        d.stop("i-2", Duration::from_secs(1)).await.unwrap();
+        drop(d);
+        // A new driver on the same run root (an agent restart) finds them as they were.
+        let d = SimDriver::new(dir.path().to_path_buf());
+        assert_eq!(d.state("i-1").await.unwrap(), PowerState::Running);
+        assert_eq!(d.state("i-2").await.unwrap(), PowerState::Stopped);
+        assert_eq!(d.spec("i-1"), Some(spec("i-1")));
+        d.kill("i-1").await.unwrap();
+        d.cleanup("i-2").await.unwrap();
+        let d = SimDriver::new(dir.path().to_path_buf());
+        assert_eq!(d.state("i-1").await.unwrap(), PowerState::Stopped);
+        assert_eq!(d.list().await.unwrap().len(), 1, "i-2 was cleaned up");
     }
 }

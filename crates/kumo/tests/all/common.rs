@@ -475,7 +475,10 @@ impl Drop for Cloud {
         }
         for a in &self.agents {
             if let Some(ns) = &a.netns {
-                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+                let _ = Command::new("ip")
+                    .args(["netns", "del", ns])
+                    .stderr(Stdio::null())
+                    .status();
             }
         }
         if std::env::var_os("KUMO_TEST_KEEP").is_some() {
