@@ -9,3 +9,4 @@ mod images;
 mod openapi;
 mod restart;
 mod sim;
+mod up;
