@@ -449,53 +449,6 @@ async fn nic_in_netns() {
     assert!(qemu_pids(&id).is_empty());
 }
 
-/// Boots a real kernel when `KUMO_TEST_KERNEL` (a PVH `vmlinux`) and `KUMO_TEST_INITRD` are set;
-/// the initramfs's `/init` must print `KUMO-GUEST-BOOTED` and power off. Skipped otherwise.
-#[tokio::test]
-async fn boots_a_kernel_and_notices_guest_poweroff() {
-    let (Ok(kernel), Ok(initrd)) = (
-        std::env::var("KUMO_TEST_KERNEL"),
-        std::env::var("KUMO_TEST_INITRD"),
-    ) else {
-        eprintln!("skipping: KUMO_TEST_KERNEL / KUMO_TEST_INITRD not set");
-        return;
-    };
-    let work = tempfile::tempdir().unwrap();
-    let id = unique_id("boot");
-    let _reaper = Reaper {
-        ids: vec![id.clone()],
-        netns: None,
-    };
-    let d = QemuDriver::new(work.path().join("run"), AccelChoice::Auto)
-        .await
-        .unwrap();
-    let mut s = spec(&id, vec![]);
-    s.memory_mib = 256;
-    s.kernel = Some(kernel.into());
-    s.initrd = Some(initrd.into());
-    s.cmdline = Some("console=ttyS0 quiet panic=-1".into());
-    let t = Instant::now();
-    d.start(&s).await.unwrap();
-    let log = d.console_log(&id);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("KUMO-GUEST-BOOTED") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no boot line; console:\n{text}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    eprintln!("start -> guest /init: {} ms", t.elapsed().as_millis());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while d.state(&id).await.unwrap() != PowerState::Stopped {
-        assert!(Instant::now() < deadline, "guest poweroff not noticed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    eprintln!("start -> guest powered off: {} ms", t.elapsed().as_millis());
-    assert!(qemu_pids(&id).is_empty());
-    d.cleanup(&id).await.unwrap();
-}
 
 /// The agent dies (SIGKILL) right after starting a VM: QEMU keeps running and a new driver on
 /// the same run root re-attaches. The "agent" is this test binary re-executed as a child.
