@@ -449,7 +449,6 @@ async fn nic_in_netns() {
     assert!(qemu_pids(&id).is_empty());
 }
 
-
 /// The agent dies (SIGKILL) right after starting a VM: QEMU keeps running and a new driver on
 /// the same run root re-attaches. The "agent" is this test binary re-executed as a child.
 #[tokio::test]

@@ -141,7 +141,10 @@ async fn imports_raw_with_mbr() {
 #[tokio::test]
 async fn imports_raw_ext4_filesystem() {
     if Command::new("mkfs.ext4").arg("-V").output().is_err() {
-        assert!(std::env::var_os("CI").is_none(), "mkfs.ext4 (e2fsprogs) is missing");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "mkfs.ext4 (e2fsprogs) is missing"
+        );
         eprintln!("mkfs.ext4 not installed; skipping");
         return;
     }
