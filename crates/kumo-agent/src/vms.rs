@@ -10,6 +10,9 @@ use kumo_types::agent::{DesiredPower, ObservedPower, VmDesired, VmObserved};
 use tokio::sync::{Mutex, Notify};
 
 use crate::error::chain;
+
+/// How long a heartbeat waits for one VM's state.
+const STATE_PROBE: std::time::Duration = std::time::Duration::from_millis(200);
 use crate::ledger::{self, VmRecord};
 use crate::{Agent, AgentError};
 
@@ -139,7 +142,15 @@ impl Agent {
             let e = map.get(id)?;
             (e.rec.clone(), e.converging)
         };
-        let actual = self.hv.state(id).await.unwrap_or(PowerState::Stopped);
+        // The driver serialises calls per VM, so a state query waits behind a launch or a stop
+        // in progress; never let a heartbeat wait for that: the transition is the answer.
+        let actual = match tokio::time::timeout(STATE_PROBE, self.hv.state(id)).await {
+            Ok(s) => s.unwrap_or(PowerState::Stopped),
+            Err(_) if converging && rec.desired.power == DesiredPower::Running => {
+                PowerState::Stopped
+            }
+            Err(_) => PowerState::Running,
+        };
         let is_on = actual != PowerState::Stopped;
         // While converging, report the transition in progress; a reboot or a no-op change of a
         // running VM keeps it `Running`, as EC2 does.
