@@ -39,6 +39,8 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// How long a graceful stop waits for the guest before forcing it off.
     pub stop_timeout: Duration,
+    /// Offer this many vCPUs and MiB of memory instead of the machine's own.
+    pub capacity: Option<(u32, u64)>,
 }
 
 pub struct Agent {
@@ -95,7 +97,11 @@ pub async fn start(cfg: Config) -> Result<Arc<Agent>, AgentError> {
     } else {
         None
     };
-    let info = heartbeat::host_info(hv.as_ref()).await;
+    let mut info = heartbeat::host_info(hv.as_ref()).await;
+    if let Some((vcpus, memory_mib)) = cfg.capacity {
+        info.vcpus = vcpus;
+        info.memory_mib = memory_mib;
+    }
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(30))

@@ -64,6 +64,23 @@ pub struct AgentArgs {
     /// Seconds a stop waits for the guest to power off before forcing it.
     #[arg(long, default_value_t = 30)]
     pub stop_timeout: u64,
+    /// Offer VCPUS:MEMORY_MIB to the scheduler instead of the machine's own size.
+    #[arg(long, value_parser = parse_capacity)]
+    pub capacity: Option<(u32, u64)>,
+}
+
+fn parse_capacity(s: &str) -> Result<(u32, u64), String> {
+    let (c, m) = s
+        .split_once(':')
+        .ok_or("capacity must be VCPUS:MEMORY_MIB, e.g. 16:65536")?;
+    let c: u32 = c.parse().map_err(|_| format!("bad vCPU count {c:?}"))?;
+    let m: u64 = m
+        .parse()
+        .map_err(|_| format!("bad memory size {m:?} (MiB)"))?;
+    if c == 0 || m == 0 {
+        return Err("capacity must be positive".into());
+    }
+    Ok((c, m))
 }
 
 pub struct Bootstrapped {
@@ -161,6 +178,7 @@ pub fn agent_config(a: &AgentArgs) -> kumo_agent::Config {
         vm_netns: a.vm_netns.clone(),
         heartbeat_interval: Duration::from_secs(a.heartbeat_interval.max(1)),
         stop_timeout: Duration::from_secs(a.stop_timeout),
+        capacity: a.capacity,
     }
 }
 
@@ -170,4 +188,17 @@ pub async fn run_agent(a: AgentArgs) -> anyhow::Result<()> {
     tokio::signal::ctrl_c().await?;
     // VMs keep running: the next agent process re-attaches to them.
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_capacity;
+
+    #[test]
+    fn capacity_is_vcpus_colon_mib() {
+        assert_eq!(parse_capacity("16:65536"), Ok((16, 65536)));
+        for bad in ["16", "x:1", "1:y", "0:1024", "4:0", ""] {
+            assert!(parse_capacity(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -214,6 +214,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         vm_netns: Some(a.netns.clone()),
         heartbeat_interval: 2,
         stop_timeout: 30,
+        capacity: None,
     };
     let agent = kumo_agent::start(server::agent_config(&aargs)).await?;
     ensure_demo_image(&ctl, &data).await?;

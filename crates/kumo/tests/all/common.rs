@@ -30,6 +30,7 @@ pub struct AgentProc {
     pub netns: Option<String>,
     pub child: Option<Child>,
     hv: Hv,
+    extra: Vec<String>,
 }
 
 pub struct Cloud {
@@ -186,6 +187,11 @@ impl Cloud {
 
     /// Start another agent; real-VM agents get their own network namespace.
     pub async fn add_agent(&mut self, hv: Hv) -> usize {
+        self.add_agent_with(hv, &[]).await
+    }
+
+    /// Start another agent with extra command-line arguments (e.g. `--capacity 2:2048`).
+    pub async fn add_agent_with(&mut self, hv: Hv, extra: &[&str]) -> usize {
         let n = self.agents.len();
         let name = format!("host{n}");
         let netns = (hv == Hv::Qemu).then(|| {
@@ -202,6 +208,7 @@ impl Cloud {
             netns,
             child: None,
             hv,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         });
         self.start_agent(n);
         let before = self.agents.len();
@@ -255,6 +262,7 @@ impl Cloud {
         if let Some(ns) = &a.netns {
             cmd.args(["--vm-netns", ns]);
         }
+        cmd.args(&a.extra);
         let child = cmd.spawn().expect("spawn kumo agent");
         self.agents[n].child = Some(child);
     }
