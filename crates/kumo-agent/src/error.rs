@@ -31,17 +31,4 @@ impl AgentError {
     }
 }
 
-/// The error with its sources, for reports to the controller.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        let m = src.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = src.source();
-    }
-    s
-}
+pub use kumo_types::error_chain as chain;

@@ -85,7 +85,11 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::pipeline,
         ));
-    api.fallback(not_found).with_state(state)
+    let ec2 = kumo_ec2::router(kumo_ec2::Ec2State {
+        ctl: state.ctl.clone(),
+        region: state.region.clone(),
+    });
+    api.fallback(not_found).with_state(state).merge(ec2)
 }
 
 /// Unknown paths get the same error shape and request id as every other error.

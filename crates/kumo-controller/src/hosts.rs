@@ -1,8 +1,8 @@
 //! Host registration and heartbeats: agents report what they observe, the controller alone
 //! writes the records.
 
-use kumo_store::{HostRow, Observation};
-use kumo_types::agent::{Heartbeat, RegisterRequest, RegisterResponse};
+use kumo_store::{HostRow, InstanceRow, Observation};
+use kumo_types::agent::{Heartbeat, RegisterRequest, RegisterResponse, VmObserved};
 use serde::{Deserialize, Serialize};
 
 use crate::{Controller, OpError};
@@ -72,21 +72,7 @@ impl Controller {
             reported.insert(vm.id.clone());
             match live.iter().find(|r| r.id == vm.id) {
                 Some(row) => {
-                    let obs = Observation {
-                        generation: vm.generation,
-                        power: vm.power,
-                        error: vm.error.clone(),
-                    };
-                    if let Some(state) = self.store.apply_observation(row, &obs).await? {
-                        self.system_event(
-                            Some(&row.project_id),
-                            "instance.state",
-                            &row.id,
-                            state.as_str(),
-                            None,
-                        )
-                        .await;
-                    }
+                    self.fold_observation(row, vm).await?;
                 }
                 None => delete.push(vm.id.clone()),
             }
@@ -113,4 +99,30 @@ impl Controller {
 
 fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Controller {
+    /// Fold one agent report into the instance record, journalling a state change.
+    pub(crate) async fn fold_observation(
+        &self,
+        row: &InstanceRow,
+        vm: &VmObserved,
+    ) -> Result<(), OpError> {
+        let obs = Observation {
+            generation: vm.generation,
+            power: vm.power,
+            error: vm.error.clone(),
+        };
+        if let Some(state) = self.store.apply_observation(row, &obs).await? {
+            self.system_event(
+                Some(&row.project_id),
+                "instance.state",
+                &row.id,
+                state.as_str(),
+                None,
+            )
+            .await;
+        }
+        Ok(())
+    }
 }

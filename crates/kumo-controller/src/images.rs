@@ -9,6 +9,7 @@ use kumo_store::{ImageRow, NewImage, OperationRow, Scope};
 use kumo_types::api::{ImportImage, UploadParams};
 
 use crate::{Controller, OpError};
+use kumo_types::error_chain;
 
 fn parse_kind(kind: Option<&str>) -> Result<ImageKind, OpError> {
     match kind.unwrap_or("disk") {
@@ -249,19 +250,4 @@ impl Controller {
 fn is_block_device(meta: &std::fs::Metadata) -> bool {
     use std::os::unix::fs::FileTypeExt;
     meta.file_type().is_block_device()
-}
-
-/// The error with its sources, for messages shown to users.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        let m = src.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = src.source();
-    }
-    s
 }

@@ -2,7 +2,7 @@
 //! They never talk to a host directly (except to read a console).
 
 use kumo_scheduler::{HostView, Request};
-use kumo_store::{InstanceRow, NewInstance, Scope};
+use kumo_store::{InstanceRow, LaunchExtras, NewInstance, Scope};
 use kumo_types::api::CreateInstance;
 use kumo_types::InstanceState;
 
@@ -15,6 +15,17 @@ impl Controller {
         &self,
         scope: &Scope,
         req: &CreateInstance,
+    ) -> Result<InstanceRow, OpError> {
+        self.create_instance_with(scope, req, &LaunchExtras::default())
+            .await
+    }
+
+    /// [`Controller::create_instance`] recording EC2 launch details (user data, reservation).
+    pub async fn create_instance_with(
+        &self,
+        scope: &Scope,
+        req: &CreateInstance,
+        extras: &LaunchExtras,
     ) -> Result<InstanceRow, OpError> {
         kumo_types::id::validate_name(&req.name).map_err(OpError::Invalid)?;
         let image = self
@@ -62,6 +73,7 @@ impl Controller {
             memory_mib: itype.memory_mib,
             disk_gib: itype.disk_gib.max(image_gib),
             network_id: network.id,
+            extras: extras.clone(),
         };
         let request = Request {
             vcpus: itype.vcpus,
@@ -220,6 +232,23 @@ impl Controller {
             Ok(Some(n))
         })
         .await
+    }
+
+    /// Replace the instance's (base64) user data; only while stopped.
+    pub async fn set_user_data(
+        &self,
+        scope: &Scope,
+        id: &str,
+        user_data: Option<&str>,
+    ) -> Result<InstanceRow, OpError> {
+        if !self.store.set_user_data(scope, id, user_data).await? {
+            let cur = self.store.instance(scope, id).await?;
+            return Err(OpError::IncorrectState(format!(
+                "instance {} is {}; stop it before changing its user data",
+                cur.id, cur.state
+            )));
+        }
+        Ok(self.store.instance(scope, id).await?)
     }
 
     async fn change(

@@ -16,6 +16,7 @@ use std::time::Duration;
 pub use agent_client::{credential, AgentClient, AgentError};
 pub use error::OpError;
 pub use hosts::HeartbeatResponse;
+pub use instances::DEFAULT_TYPE;
 use kumo_store::{NewEvent, Scope, Store};
 use tokio::sync::Notify;
 

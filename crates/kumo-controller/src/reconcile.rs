@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use kumo_store::{InstanceRow, Observation};
+use kumo_store::InstanceRow;
 use kumo_types::agent::{DesiredPower, ImageRef, NetworkDesired, NicDesired, VmDesired};
 
 use crate::{Controller, OpError};
@@ -75,21 +75,7 @@ impl Controller {
         }
         let spec = self.desired_spec(row).await?;
         let observed = self.agents().put_vm(&host, &spec).await?;
-        let obs = Observation {
-            generation: observed.generation,
-            power: observed.power,
-            error: observed.error,
-        };
-        if let Some(state) = self.store.apply_observation(row, &obs).await? {
-            self.system_event(
-                Some(&row.project_id),
-                "instance.state",
-                &row.id,
-                state.as_str(),
-                None,
-            )
-            .await;
-        }
+        self.fold_observation(row, &observed).await?;
         Ok(())
     }
 

@@ -77,7 +77,7 @@ impl Store {
             "INSERT INTO access_keys (id, secret, user_id, created_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(&id)
-        .bind(&secret)
+        .bind(self.secrets.seal(&secret)?)
         .bind(user_id)
         .bind(now_str())
         .execute(&self.pool)
@@ -101,7 +101,7 @@ impl Store {
         row.map(|r| {
             Ok(AccessKey {
                 id: r.try_get("id")?,
-                secret: r.try_get("secret")?,
+                secret: self.secrets.open(&r.try_get::<String, _>("secret")?)?,
                 user_id: r.try_get("user_id")?,
                 user_name: r.try_get("user_name")?,
                 project_id: r.try_get("project_id")?,

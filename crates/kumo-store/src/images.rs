@@ -210,14 +210,8 @@ impl Store {
         .bind(limit + 1)
         .fetch_all(&self.pool)
         .await?;
-        let mut items = rows.iter().map(from_row).collect::<Result<Vec<_>>>()?;
-        let next = if items.len() as i64 > limit {
-            items.truncate(limit as usize);
-            items.last().map(|i| i.id.clone())
-        } else {
-            None
-        };
-        Ok((items, next))
+        let items = rows.iter().map(from_row).collect::<Result<Vec<_>>>()?;
+        Ok(crate::page(items, limit, |i| i.id.clone()))
     }
 
     /// Delete an image the caller owns; refused while a live instance or another image uses it.

@@ -37,6 +37,23 @@ pub struct InstanceRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub terminated_at: Option<DateTime<Utc>>,
+    /// Base64 user data (EC2 `UserData`).
+    pub user_data: Option<String>,
+    /// The EC2 reservation (one per RunInstances call); `None` for instances created elsewhere.
+    pub reservation_id: Option<String>,
+    /// Position in its reservation (EC2 `amiLaunchIndex`).
+    pub launch_index: u32,
+    /// The EC2 `ClientToken` the instance was launched with.
+    pub client_token: Option<String>,
+}
+
+/// Launch details the EC2 API records with a new instance; empty for the native API.
+#[derive(Debug, Clone, Default)]
+pub struct LaunchExtras {
+    pub user_data: Option<String>,
+    pub reservation_id: Option<String>,
+    pub launch_index: u32,
+    pub client_token: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -48,6 +65,7 @@ pub struct NewInstance {
     pub memory_mib: u64,
     pub disk_gib: u64,
     pub network_id: String,
+    pub extras: LaunchExtras,
 }
 
 #[derive(Debug, Clone)]
@@ -67,9 +85,9 @@ pub struct Observation {
     pub error: Option<String>,
 }
 
-const COLS: &str = "id, project_id, name, image_id, instance_type, vcpus, memory_mib, disk_gib, state, desired, reboot_seq, host_id, network_id, mac, private_ip, generation, observed_generation, last_error, created_at, updated_at, terminated_at";
+pub(crate) const COLS: &str = "id, project_id, name, image_id, instance_type, vcpus, memory_mib, disk_gib, state, desired, reboot_seq, host_id, network_id, mac, private_ip, generation, observed_generation, last_error, created_at, updated_at, terminated_at, user_data, reservation_id, launch_index, client_token";
 
-fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<InstanceRow> {
+pub(crate) fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<InstanceRow> {
     let state: String = r.try_get("state")?;
     Ok(InstanceRow {
         id: r.try_get("id")?,
@@ -93,6 +111,11 @@ fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<InstanceRow> {
         created_at: parse_time(&r.try_get::<String, _>("created_at")?)?,
         updated_at: parse_time(&r.try_get::<String, _>("updated_at")?)?,
         terminated_at: parse_time_opt(r.try_get::<Option<String>, _>("terminated_at")?.as_deref())?,
+        user_data: r.try_get("user_data")?,
+        reservation_id: r.try_get("reservation_id")?,
+        launch_index: u32::try_from(r.try_get::<i64, _>("launch_index")?)
+            .map_err(|_| StoreError::Corrupt("launch_index"))?,
+        client_token: r.try_get("client_token")?,
     })
 }
 
@@ -194,8 +217,9 @@ impl Store {
         let mut last_err = None;
         for _ in 0..5 {
             let res = sqlx::query(
-                "INSERT INTO instances (id, project_id, name, image_id, instance_type, vcpus, memory_mib, disk_gib, state, desired, reboot_seq, host_id, network_id, mac, private_ip, generation, observed_generation, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 'running', 0, $9, $10, $11, $12, 1, 0, $13, $13)",
+                "INSERT INTO instances (id, project_id, name, image_id, instance_type, vcpus, memory_mib, disk_gib, state, desired, reboot_seq, host_id, network_id, mac, private_ip, generation, observed_generation, created_at, updated_at,
+                     user_data, reservation_id, launch_index, client_token)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 'running', 0, $9, $10, $11, $12, 1, 0, $13, $13, $14, $15, $16, $17)",
             )
             .bind(&id)
             .bind(&scope.project_id)
@@ -210,6 +234,10 @@ impl Store {
             .bind(random_mac())
             .bind(&ip)
             .bind(&now)
+            .bind(&new.extras.user_data)
+            .bind(&new.extras.reservation_id)
+            .bind(i64::from(new.extras.launch_index))
+            .bind(&new.extras.client_token)
             .execute(&self.pool)
             .await;
             match res {
@@ -288,14 +316,8 @@ impl Store {
         .bind(limit + 1)
         .fetch_all(&self.pool)
         .await?;
-        let mut items = rows.iter().map(from_row).collect::<Result<Vec<_>>>()?;
-        let next = if items.len() as i64 > limit {
-            items.truncate(limit as usize);
-            items.last().map(|i| i.id.clone())
-        } else {
-            None
-        };
-        Ok((items, next))
+        let items = rows.iter().map(from_row).collect::<Result<Vec<_>>>()?;
+        Ok(crate::page(items, limit, |i| i.id.clone()))
     }
 
     /// Change what the controller wants of an instance. `change` gets the current row and

@@ -6,10 +6,12 @@
 //! The SQL is plain enough for SQLite and PostgreSQL (`$N` placeholders, TEXT timestamps).
 
 mod auth;
+mod ec2;
 mod hosts;
 mod images;
 mod instances;
 mod ops;
+mod secrets;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -20,9 +22,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::SqlitePool;
 
 pub use auth::{AccessKey, Bootstrap};
+pub use ec2::TagRow;
 pub use hosts::{HostRow, HostUsage};
 pub use images::{ImageRow, NewImage};
-pub use instances::{InstanceRow, NetworkRow, NewInstance, Observation};
+pub use instances::{InstanceRow, LaunchExtras, NetworkRow, NewInstance, Observation};
 pub use ops::{EventRow, IdempotentResponse, NewEvent, OperationRow};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +42,12 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("database migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("secret key file {path}")]
+    KeyFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("corrupt value in column {0}")]
     Corrupt(&'static str),
 }
@@ -79,6 +88,8 @@ pub struct Store {
     /// Serialises capacity reservation in this process so that two creates never both take
     /// the last slot of a host (SQLite has one writer anyway).
     placement: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Encrypts access-key secrets at rest (they must stay recoverable for SigV4).
+    secrets: secrets::SecretBox,
 }
 
 pub fn now_str() -> String {
@@ -97,6 +108,21 @@ pub(crate) fn parse_time(s: &str) -> Result<DateTime<Utc>> {
 
 pub(crate) fn parse_time_opt(s: Option<&str>) -> Result<Option<DateTime<Utc>>> {
     s.map(parse_time).transpose()
+}
+
+/// Cut a result fetched with `limit + 1` rows into a page and the cursor of the next one.
+pub(crate) fn page<T>(
+    mut items: Vec<T>,
+    limit: i64,
+    cursor_of: impl Fn(&T) -> String,
+) -> (Vec<T>, Option<String>) {
+    if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        let next = items.last().map(&cursor_of);
+        (items, next)
+    } else {
+        (items, None)
+    }
 }
 
 /// Page sizes are clamped to 1..=1000.
@@ -120,9 +146,12 @@ impl Store {
             .connect_with(opts)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
+        // The key lives beside the database, readable by its owner only.
+        let secrets = secrets::SecretBox::load_or_create(&path.with_file_name("secrets.key"))?;
         Ok(Store {
             pool,
             placement: Default::default(),
+            secrets,
         })
     }
 
@@ -136,6 +165,7 @@ impl Store {
         Ok(Store {
             pool,
             placement: Default::default(),
+            secrets: secrets::SecretBox::ephemeral(),
         })
     }
 

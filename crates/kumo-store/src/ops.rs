@@ -155,14 +155,8 @@ impl Store {
         .bind(limit + 1)
         .fetch_all(&self.pool)
         .await?;
-        let mut items = rows.iter().map(op_from_row).collect::<Result<Vec<_>>>()?;
-        let next = if items.len() as i64 > limit {
-            items.truncate(limit as usize);
-            items.last().map(|i| i.id.clone())
-        } else {
-            None
-        };
-        Ok((items, next))
+        let items = rows.iter().map(op_from_row).collect::<Result<Vec<_>>>()?;
+        Ok(crate::page(items, limit, |i| i.id.clone()))
     }
 
     pub async fn record_event(&self, e: &NewEvent) -> Result<()> {
@@ -220,13 +214,7 @@ impl Store {
                 detail: r.try_get("detail")?,
             });
         }
-        let next = if items.len() as i64 > limit {
-            items.truncate(limit as usize);
-            items.last().map(|i| i.id.to_string())
-        } else {
-            None
-        };
-        Ok((items, next))
+        Ok(crate::page(items, limit, |i| i.id.to_string()))
     }
 
     pub async fn idempotent_response(

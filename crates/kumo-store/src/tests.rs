@@ -31,6 +31,7 @@ fn new_instance(name: &str, image: &str, network: &str) -> NewInstance {
         memory_mib: 512,
         disk_gib: 4,
         network_id: network.into(),
+        extras: Default::default(),
     }
 }
 

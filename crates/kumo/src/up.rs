@@ -195,6 +195,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     };
     let cfg_path = kumo_cli::config_path();
     cfg.save(&cfg_path)?;
+    let (aws_config, aws_creds) = write_aws_profile(&endpoint, &b.region, &key.id, &key.secret)?;
 
     let token = ctl
         .store
@@ -227,11 +228,17 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         data.display()
     );
     println!("CLI credentials written to {}", cfg_path.display());
+    println!(
+        "AWS CLI profile `kumo` written to {} and {}",
+        aws_config.display(),
+        aws_creds.display()
+    );
     println!();
     println!("  kumo vm create --name web1 --image demo --type t1.small --wait");
     println!("  kumo vm console web1            # Ctrl-] to leave");
     println!("  kumo vm port-forward web1 8080:80 &   curl http://127.0.0.1:8080/");
     println!("  kumo vm delete web1");
+    println!("  aws --profile kumo ec2 describe-instances   # the EC2-compatible API");
     println!();
     if a.detach_check {
         return Ok(());
@@ -241,6 +248,115 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     );
     tokio::signal::ctrl_c().await?;
     Ok(())
+}
+
+/// The AWS CLI's config and credentials files, honouring `AWS_CONFIG_FILE` and
+/// `AWS_SHARED_CREDENTIALS_FILE`.
+fn aws_paths() -> anyhow::Result<(PathBuf, PathBuf)> {
+    let home = || -> anyhow::Result<PathBuf> {
+        std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".aws"))
+            .context("HOME is not set")
+    };
+    let config = match std::env::var_os("AWS_CONFIG_FILE") {
+        Some(p) => PathBuf::from(p),
+        None => home()?.join("config"),
+    };
+    let creds = match std::env::var_os("AWS_SHARED_CREDENTIALS_FILE") {
+        Some(p) => PathBuf::from(p),
+        None => home()?.join("credentials"),
+    };
+    Ok((config, creds))
+}
+
+/// Write the AWS CLI profile `kumo` (endpoint, region, credentials), keeping other profiles.
+pub fn write_aws_profile(
+    endpoint: &str,
+    region: &str,
+    key_id: &str,
+    secret: &str,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (config, creds) = aws_paths()?;
+    update_ini_file(
+        &config,
+        "profile kumo",
+        &[("region", region), ("endpoint_url", endpoint)],
+    )?;
+    update_ini_file(
+        &creds,
+        "kumo",
+        &[
+            ("aws_access_key_id", key_id),
+            ("aws_secret_access_key", secret),
+        ],
+    )?;
+    Ok((config, creds))
+}
+
+fn update_ini_file(path: &Path, section: &str, values: &[(&str, &str)]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let old = match std::fs::read_to_string(path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let new = update_ini_section(&old, section, values);
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    let tmp = path.with_extension("kumo-tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(new.as_bytes())?;
+    f.sync_all()?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Replace (or append) one `[section]` of an INI document, leaving everything else as it was.
+pub fn update_ini_section(old: &str, section: &str, values: &[(&str, &str)]) -> String {
+    let header = |l: &str| {
+        let t = l.trim();
+        (t.starts_with('[') && t.ends_with(']')).then(|| t[1..t.len() - 1].trim().to_string())
+    };
+    let mut body = format!("[{section}]\n");
+    for (k, v) in values {
+        body.push_str(&format!("{k} = {v}\n"));
+    }
+    let mut out = String::new();
+    let mut skipping = false;
+    let mut written = false;
+    for line in old.lines() {
+        if let Some(name) = header(line) {
+            skipping = name == section;
+            if skipping && !written {
+                out.push_str(&body);
+                written = true;
+                continue;
+            }
+        }
+        if !skipping {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if !written {
+        if !out.is_empty() && !out.ends_with("\n\n") {
+            out.push('\n');
+        }
+        out.push_str(&body);
+    }
+    out
 }
 
 /// Build the test guest and import it as `demo` (kernel, ramdisk and disk), once.
@@ -353,6 +469,48 @@ pub async fn down(a: DownArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aws_profile_replaces_only_its_section() {
+        let old = "[default]\nregion = us-east-1\n\n[profile kumo]\nregion = old\nendpoint_url = http://old\n\n[profile other]\nregion = eu-west-1\n";
+        let new = update_ini_section(
+            old,
+            "profile kumo",
+            &[
+                ("region", "kumo"),
+                ("endpoint_url", "http://127.0.0.1:8780"),
+            ],
+        );
+        assert_eq!(
+            new,
+            "[default]\nregion = us-east-1\n\n[profile kumo]\nregion = kumo\nendpoint_url = http://127.0.0.1:8780\n[profile other]\nregion = eu-west-1\n"
+        );
+        let fresh = update_ini_section("", "kumo", &[("aws_access_key_id", "AKIA")]);
+        assert_eq!(fresh, "[kumo]\naws_access_key_id = AKIA\n");
+        let appended = update_ini_section("[default]\nx = 1\n", "kumo", &[("a", "b")]);
+        assert_eq!(appended, "[default]\nx = 1\n\n[kumo]\na = b\n");
+    }
+
+    #[test]
+    fn aws_profile_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("sub").join("credentials");
+        std::fs::create_dir_all(dir.path().join("sub")).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&path, "[default]\naws_access_key_id = X\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        update_ini_file(&path, "kumo", &[("aws_access_key_id", "K")])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            text.contains("[default]\naws_access_key_id = X")
+                && text.contains("[kumo]\naws_access_key_id = K")
+        );
+        let mode = std::fs::metadata(&path)
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0);
+        assert_eq!(mode, 0o600);
+    }
 
     #[test]
     fn qemu_packages_come_from_one_release() {

@@ -5,6 +5,7 @@
 mod api;
 mod common;
 mod e2e;
+mod ec2;
 mod images;
 mod openapi;
 mod restart;
