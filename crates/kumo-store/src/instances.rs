@@ -432,6 +432,14 @@ impl Store {
         } else {
             None
         };
+        if state == row.state
+            && desired == row.desired
+            && obs.generation == row.observed_generation
+            && error == row.last_error
+        {
+            // Heartbeats repeat what is already recorded: write nothing.
+            return Ok(None);
+        }
         let bump = i64::from(desired != row.desired);
         sqlx::query(
             "UPDATE instances SET state = $3, desired = $4, observed_generation = $5, last_error = $6,

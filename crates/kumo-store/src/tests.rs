@@ -232,6 +232,12 @@ async fn observations_follow_generations() {
     );
     let i = s.instance(&admin, &i.id).await.expect("i");
     assert_eq!(i.observed_generation, i.generation);
+    // The same report again writes nothing.
+    assert_eq!(s.apply_observation(&i, &cur).await.expect("obs"), None);
+    assert_eq!(
+        s.instance(&admin, &i.id).await.expect("i").updated_at,
+        i.updated_at
+    );
     assert!(s.instances_to_push(10).await.expect("push").is_empty());
     // The guest powers itself off: the instance becomes stopped, and the new desired state is pushed.
     let off = Observation {
