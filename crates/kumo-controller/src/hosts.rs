@@ -65,19 +65,22 @@ impl Controller {
             self.system_event(None, "host.up", &host.id, "ok", None)
                 .await;
         }
-        let mut live = self.store.instances_on_host(&host.id).await?;
-        let mut reported = std::collections::HashSet::new();
+        let mut live: std::collections::HashMap<String, InstanceRow> = self
+            .store
+            .instances_on_host(&host.id)
+            .await?
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect();
         let mut delete = Vec::new();
         for vm in &hb.vms {
-            reported.insert(vm.id.clone());
-            match live.iter().find(|r| r.id == vm.id) {
-                Some(row) => {
-                    self.fold_observation(row, vm).await?;
-                }
+            match live.remove(&vm.id) {
+                Some(row) => self.fold_observation(&row, vm).await?,
                 None => delete.push(vm.id.clone()),
             }
         }
-        for row in live.drain(..).filter(|r| !reported.contains(&r.id)) {
+        // What is left was not reported: gone from the host.
+        for row in live.into_values() {
             if self.store.instance_absent_on_host(&row).await? {
                 self.system_event(
                     Some(&row.project_id),

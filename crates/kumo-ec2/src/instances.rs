@@ -200,6 +200,23 @@ pub async fn describe(ctx: &Ctx<'_>, mut p: Params) -> Result<String, Ec2Error> 
     if dry {
         return Err(ctx.dry_run("DescribeInstances"));
     }
+    if ids.is_empty() && filters.is_empty() {
+        // No filters: the page comes straight from the store, in id order.
+        let after = token.as_deref().map(page::decode).transpose()?;
+        let rows = ctx
+            .ctl
+            .store
+            .instances_visible_after(
+                &ctx.scope,
+                ctx.cutoff(),
+                after.as_deref(),
+                max.map(|m| m + 1),
+            )
+            .await?;
+        let (rows, next) = page::page(rows, |r| r.id.clone(), None, max)?;
+        let l = lookups(ctx, &rows).await?;
+        return Ok(render_describe(ctx, &rows, &l, next.as_deref()));
+    }
     let mut rows = ctx
         .ctl
         .store
@@ -221,15 +238,19 @@ pub async fn describe(ctx: &Ctx<'_>, mut p: Params) -> Result<String, Ec2Error> 
     let l = lookups(ctx, &rows).await?;
     rows.retain(|i| matches_all(&filters, |n| instance_values(i, &l, ctx.region, n)));
     let (rows, next) = page::page(rows, |r| r.id.clone(), token.as_deref(), max)?;
+    Ok(render_describe(ctx, &rows, &l, next.as_deref()))
+}
+
+fn render_describe(ctx: &Ctx<'_>, rows: &[InstanceRow], l: &Lookups, next: Option<&str>) -> String {
     let mut x = Xml::new();
     x.response("DescribeInstances", &ctx.request_id, |x| {
-        let groups = render::group(&rows);
+        let groups = render::group(rows);
         x.set("reservationSet", &groups, |x, (rid, members)| {
-            render::reservation_body(x, rid, members, &l, ctx.region)
+            render::reservation_body(x, rid, members, l, ctx.region)
         });
-        x.opt("nextToken", next.as_deref());
+        x.opt("nextToken", next);
     });
-    Ok(x.finish())
+    x.finish()
 }
 
 fn decode_user_data(v: &str) -> Result<Option<String>, Ec2Error> {

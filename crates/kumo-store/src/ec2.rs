@@ -24,13 +24,28 @@ impl Store {
         scope: &Scope,
         cutoff: DateTime<Utc>,
     ) -> Result<Vec<InstanceRow>> {
+        self.instances_visible_after(scope, cutoff, None, None)
+            .await
+    }
+
+    /// Visible instances with ids after `after`, in id order, at most `limit`: one page of a
+    /// listing without filters, read from the index instead of the whole table.
+    pub async fn instances_visible_after(
+        &self,
+        scope: &Scope,
+        cutoff: DateTime<Utc>,
+        after: Option<&str>,
+        limit: Option<i64>,
+    ) -> Result<Vec<InstanceRow>> {
         let rows = sqlx::query(&format!(
             "SELECT {COLS} FROM instances WHERE (CAST($1 AS TEXT) IS NULL OR project_id = $1)
              AND (state <> 'terminated' OR terminated_at IS NULL OR terminated_at >= $2)
-             ORDER BY id"
+             AND id > $3 ORDER BY id LIMIT $4"
         ))
         .bind(scope.filter())
         .bind(fmt_time(cutoff))
+        .bind(after.unwrap_or(""))
+        .bind(limit.unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(from_row).collect()
