@@ -10,7 +10,7 @@ mod instances;
 mod misc;
 mod streams;
 
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use kumo_controller::Controller;
 use utoipa::OpenApi;
@@ -29,7 +29,7 @@ pub struct AppState {
         instances::list, instances::create, instances::show, instances::update, instances::terminate,
         instances::start, instances::stop, instances::reboot, instances::console,
         images::list, images::show, images::import, images::upload, images::delete,
-        misc::hosts, misc::host, misc::instance_types, misc::operations, misc::operation, misc::events, misc::whoami,
+        misc::hosts, misc::host, misc::set_host_state, misc::join_tokens, misc::create_join_token, misc::revoke_join_token, misc::explain_placement, misc::capacity, misc::instance_types, misc::operations, misc::operation, misc::events, misc::whoami,
     ),
     components(schemas(images::ImageWithOperation)),
     tags((name = "instances"), (name = "images"), (name = "hosts"), (name = "operations"), (name = "events"), (name = "auth"))
@@ -71,6 +71,17 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/hosts", get(misc::hosts))
         .route("/api/v1/hosts/{id}", get(misc::host))
+        .route("/api/v1/hosts/{id}/state", post(misc::set_host_state))
+        .route(
+            "/api/v1/join-tokens",
+            get(misc::join_tokens).post(misc::create_join_token),
+        )
+        .route(
+            "/api/v1/join-tokens/{token}",
+            delete(misc::revoke_join_token),
+        )
+        .route("/api/v1/placement/explain", get(misc::explain_placement))
+        .route("/api/v1/capacity", get(misc::capacity))
         .route("/api/v1/instance-types", get(misc::instance_types))
         .route("/api/v1/operations", get(misc::operations))
         .route("/api/v1/operations/{id}", get(misc::operation))

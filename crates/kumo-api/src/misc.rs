@@ -1,11 +1,15 @@
 //! Hosts, instance types, operations, events and the caller's identity.
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::{Extension, Json};
-use kumo_types::api::{ErrorBody, Event, Host, InstanceType, ListParams, Operation, Page, WhoAmI};
+use kumo_types::api::{
+    CapacityReport, CapacityRow, ErrorBody, Event, ExplainParams, Host, InstanceType, JoinToken,
+    ListParams, Operation, Page, PlacementVerdict, SetHostState, WhoAmI,
+};
 
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiPath, ApiQuery};
+use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::{convert, AppState};
 
 fn admin_only(c: &Caller) -> Result<(), ApiError> {
@@ -15,7 +19,7 @@ fn admin_only(c: &Caller) -> Result<(), ApiError> {
         Err(ApiError::new(
             axum::http::StatusCode::FORBIDDEN,
             "Forbidden",
-            "only administrators can see hosts",
+            "only administrators can see and manage hosts",
         ))
     }
 }
@@ -115,4 +119,139 @@ pub async fn whoami(Extension(c): Extension<Caller>) -> Json<WhoAmI> {
         project_id: c.key.project_id.clone(),
         role: c.key.role.clone(),
     })
+}
+
+#[utoipa::path(post, path = "/api/v1/hosts/{id}/state", tag = "hosts", request_body = SetHostState, params(("id" = String, Path)),
+    responses((status = 200, body = Host), (status = 409, body = ErrorBody, description = "transition not allowed"), (status = 403, body = ErrorBody)))]
+pub async fn set_host_state(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<SetHostState>,
+) -> Result<Json<Host>, ApiError> {
+    admin_only(&c)?;
+    let h = st.ctl.set_host_state(&id, &req.state).await?;
+    let usage = st.ctl.store.host_usage().await?;
+    let u = usage.get(&h.id).cloned();
+    Ok(Json(convert::host(h, u.as_ref())))
+}
+
+#[utoipa::path(get, path = "/api/v1/join-tokens", tag = "hosts", responses((status = 200, body = Page<JoinToken>), (status = 403, body = ErrorBody)))]
+pub async fn join_tokens(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+) -> Result<Json<Page<JoinToken>>, ApiError> {
+    admin_only(&c)?;
+    let items = st
+        .ctl
+        .join_tokens()
+        .await?
+        .into_iter()
+        .map(|t| JoinToken {
+            token: t.token,
+            created_at: t.created_at,
+            revoked_at: t.revoked_at,
+        })
+        .collect();
+    Ok(Json(Page {
+        items,
+        next_cursor: None,
+    }))
+}
+
+#[utoipa::path(post, path = "/api/v1/join-tokens", tag = "hosts", responses((status = 201, body = JoinToken), (status = 403, body = ErrorBody)))]
+pub async fn create_join_token(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+) -> Result<(StatusCode, Json<JoinToken>), ApiError> {
+    admin_only(&c)?;
+    let token = st.ctl.create_join_token().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(JoinToken {
+            token,
+            created_at: chrono::Utc::now(),
+            revoked_at: None,
+        }),
+    ))
+}
+
+#[utoipa::path(delete, path = "/api/v1/join-tokens/{token}", tag = "hosts", params(("token" = String, Path)),
+    responses((status = 204, description = "revoked"), (status = 404, body = ErrorBody)))]
+pub async fn revoke_join_token(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiPath(token): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    admin_only(&c)?;
+    st.ctl.revoke_join_token(&token).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/placement/explain", tag = "hosts", params(ExplainParams),
+    responses((status = 200, body = Vec<PlacementVerdict>), (status = 400, body = ErrorBody)))]
+pub async fn explain_placement(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiQuery(q): ApiQuery<ExplainParams>,
+) -> Result<Json<Vec<PlacementVerdict>>, ApiError> {
+    admin_only(&c)?;
+    let ty = q.instance_type.as_deref().unwrap_or("t1.small");
+    let v = st.ctl.explain_placement(ty, q.site).await?;
+    Ok(Json(
+        v.into_iter()
+            .map(|v| PlacementVerdict {
+                host_id: v.host_id,
+                host_name: v.host_name,
+                refused: v.refused,
+                score: v.score,
+            })
+            .collect(),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/capacity", tag = "hosts", responses((status = 200, body = CapacityReport), (status = 403, body = ErrorBody)))]
+pub async fn capacity(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+) -> Result<Json<CapacityReport>, ApiError> {
+    admin_only(&c)?;
+    let cap = st.ctl.capacity().await?;
+    let hosts = cap
+        .hosts
+        .into_iter()
+        .map(|h| CapacityRow {
+            name: h.host,
+            site: h.site,
+            state: h.state,
+            vcpus: h.vcpus,
+            memory_mib: h.memory_mib,
+            used_vcpus: h.used_vcpus,
+            used_memory_mib: h.used_memory_mib,
+            free_vcpus: h.free_vcpus,
+            free_memory_mib: h.free_memory_mib,
+        })
+        .collect();
+    let sites = cap
+        .sites
+        .into_iter()
+        .map(|s| CapacityRow {
+            name: s.site.clone(),
+            site: s.site,
+            state: format!("{} hosts", s.hosts),
+            vcpus: s.vcpus,
+            memory_mib: s.memory_mib,
+            used_vcpus: s.used_vcpus,
+            used_memory_mib: s.used_memory_mib,
+            free_vcpus: s.free_vcpus,
+            free_memory_mib: s.free_memory_mib,
+        })
+        .collect();
+    Ok(Json(CapacityReport {
+        hosts,
+        sites,
+        n_plus_one: cap.n_plus_one.ok,
+        largest_host: cap.n_plus_one.largest_host,
+        stranded: cap.n_plus_one.stranded,
+    }))
 }

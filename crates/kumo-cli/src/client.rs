@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use kumo_sigv4::Credentials;
 use kumo_types::api::{
-    ConsoleOutput, CreateInstance, ErrorBody, Event, Host, Image, ImportImage, Instance,
-    InstanceType, Operation, Page, UpdateInstance, UploadParams, WhoAmI,
+    CapacityReport, ConsoleOutput, CreateInstance, ErrorBody, Event, Host, Image, ImportImage,
+    Instance, InstanceType, JoinToken, Operation, Page, PlacementVerdict, SetHostState,
+    UpdateInstance, UploadParams, WhoAmI,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -336,6 +337,64 @@ impl Client {
 
     pub async fn host(&self, id: &str) -> Result<Host, ClientError> {
         self.get(&format!("/api/v1/hosts/{}", enc(id))).await
+    }
+
+    pub async fn set_host_state(&self, id: &str, state: &str) -> Result<Host, ClientError> {
+        self.post(
+            &format!("/api/v1/hosts/{}/state", enc(id)),
+            &SetHostState {
+                state: state.into(),
+            },
+        )
+        .await
+    }
+
+    pub async fn join_tokens(&self) -> Result<Vec<JoinToken>, ClientError> {
+        Ok(self
+            .get::<Page<JoinToken>>("/api/v1/join-tokens")
+            .await?
+            .items)
+    }
+
+    pub async fn create_join_token(&self) -> Result<JoinToken, ClientError> {
+        self.request("POST", "/api/v1/join-tokens", None, None)
+            .await
+    }
+
+    pub async fn revoke_join_token(&self, token: &str) -> Result<(), ClientError> {
+        match self
+            .request::<serde_json::Value>(
+                "DELETE",
+                &format!("/api/v1/join-tokens/{}", enc(token)),
+                None,
+                None,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            // 204 has no body.
+            Err(ClientError::Http(m)) if m.contains("EOF while parsing") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn explain_placement(
+        &self,
+        instance_type: &str,
+        site: Option<&str>,
+    ) -> Result<Vec<PlacementVerdict>, ClientError> {
+        let mut q = format!(
+            "/api/v1/placement/explain?instance_type={}",
+            enc(instance_type)
+        );
+        if let Some(s) = site {
+            q.push_str(&format!("&site={}", enc(s)));
+        }
+        self.get(&q).await
+    }
+
+    pub async fn capacity(&self) -> Result<CapacityReport, ClientError> {
+        self.get("/api/v1/capacity").await
     }
 
     /// Open a websocket to an API stream (serial console, port forward), signed.

@@ -88,6 +88,15 @@ pub enum VmCmd {
         /// LOCAL:REMOTE
         ports: String,
     },
+    /// Why each host would take or refuse an instance of this type.
+    ExplainPlacement {
+        #[arg(long = "type", default_value = "t1.small")]
+        instance_type: String,
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// List instance types.
     Types {
         #[arg(short, long, value_enum, default_value_t)]
@@ -151,7 +160,28 @@ pub enum ImageCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Issue a token for `kumo agent --join-token`.
+    Create,
+    #[command(alias = "ls")]
+    List,
+    /// Refuse new joins with this token (joined hosts stay).
+    Revoke { token: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum HostCmd {
+    /// Set a host up, maintenance (no new instances) or draining.
+    SetState { id: String, state: String },
+    /// Used, reserved and free capacity per host and site, and whether the cluster survives
+    /// losing its largest host (N+1).
+    Capacity {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Join tokens for new hosts.
+    #[command(subcommand)]
+    Token(TokenCmd),
     #[command(alias = "ls")]
     List {
         #[arg(short, long, value_enum, default_value_t)]
@@ -365,6 +395,28 @@ impl VmCmd {
                     .ok_or_else(|| ClientError::Config(format!("bad remote port {r:?}")))?;
                 streams::port_forward(client, &id, l, r).await?
             }
+            VmCmd::ExplainPlacement {
+                instance_type,
+                site,
+                output,
+            } => {
+                let v = client
+                    .explain_placement(&instance_type, site.as_deref())
+                    .await?;
+                if output == Output::Json {
+                    return print_json(&v);
+                }
+                let mut t = table(&["host", "verdict", "score"]);
+                for h in v {
+                    let verdict = h.refused.clone().unwrap_or_else(|| "can take it".into());
+                    t.add_row(vec![
+                        h.host_name,
+                        verdict,
+                        h.score.map(|s| format!("{s:.3}")).unwrap_or_default(),
+                    ]);
+                }
+                println!("{t}");
+            }
             VmCmd::Types { output } => {
                 let types = client.instance_types().await?;
                 if output == Output::Json {
@@ -548,6 +600,65 @@ pub async fn follow_operation(client: &Client, id: &str) -> Result<(), ClientErr
 impl HostCmd {
     pub async fn run(self, client: &Client) -> Result<(), ClientError> {
         match self {
+            HostCmd::SetState { id, state } => {
+                let h = client.set_host_state(&id, &state).await?;
+                println!("{} is {}", h.name, h.state);
+            }
+            HostCmd::Capacity { output } => {
+                let c = client.capacity().await?;
+                if output == Output::Json {
+                    return print_json(&c);
+                }
+                for (title, rows) in [("hosts", &c.hosts), ("sites", &c.sites)] {
+                    let mut t = table(&[
+                        title,
+                        "site",
+                        "state",
+                        "vCPUs used/free/total",
+                        "memory MiB used/free/total",
+                    ]);
+                    for r in rows.iter() {
+                        t.add_row(vec![
+                            r.name.clone(),
+                            r.site.clone(),
+                            r.state.clone(),
+                            format!("{}/{}/{}", r.used_vcpus, r.free_vcpus, r.vcpus),
+                            format!(
+                                "{}/{}/{}",
+                                r.used_memory_mib, r.free_memory_mib, r.memory_mib
+                            ),
+                        ]);
+                    }
+                    println!("{t}");
+                }
+                match (&c.largest_host, c.n_plus_one) {
+                    (None, _) => println!("N+1: no hosts"),
+                    (Some(h), true) => {
+                        println!("N+1: ok — losing {h} leaves room for all its instances")
+                    }
+                    (Some(h), false) => println!(
+                        "N+1: NOT ok — losing {h} strands {} instance(s): {:?} (vCPUs, MiB)",
+                        c.stranded.len(),
+                        c.stranded
+                    ),
+                }
+            }
+            HostCmd::Token(t) => match t {
+                TokenCmd::Create => println!("{}", client.create_join_token().await?.token),
+                TokenCmd::List => {
+                    for t in client.join_tokens().await? {
+                        let state = t
+                            .revoked_at
+                            .map(|r| format!("revoked {}", r.to_rfc3339()))
+                            .unwrap_or_else(|| "valid".into());
+                        println!("{} created {} {state}", t.token, t.created_at.to_rfc3339());
+                    }
+                }
+                TokenCmd::Revoke { token } => {
+                    client.revoke_join_token(&token).await?;
+                    println!("revoked");
+                }
+            },
             HostCmd::List { output } => {
                 let hosts = client.hosts().await?;
                 if output == Output::Json {

@@ -7,7 +7,7 @@ mod config;
 mod streams;
 
 pub use client::{Client, ImageWithOperation};
-pub use commands::{follow_operation, wait_for, HostCmd, ImageCmd, Output, VmCmd};
+pub use commands::{follow_operation, wait_for, HostCmd, ImageCmd, Output, TokenCmd, VmCmd};
 pub use config::{config_path, ClientConfig};
 
 #[derive(Debug, thiserror::Error)]

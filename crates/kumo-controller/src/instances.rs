@@ -84,22 +84,7 @@ impl Controller {
         let row = self
             .store
             .create_instance(scope, &new, |hosts, usage| {
-                let views: Vec<HostView> = hosts
-                    .iter()
-                    .map(|h| {
-                        let u = usage.get(&h.id).cloned().unwrap_or_default();
-                        HostView {
-                            id: h.id.clone(),
-                            name: h.name.clone(),
-                            site: h.site.clone(),
-                            state: h.state.clone(),
-                            vcpus: h.vcpus,
-                            memory_mib: h.memory_mib,
-                            used_vcpus: u.vcpus,
-                            used_memory_mib: u.memory_mib,
-                        }
-                    })
-                    .collect();
+                let views = crate::placement::host_views(hosts, usage);
                 kumo_scheduler::choose(&views, &request, &policy)
             })
             .await?;

@@ -7,6 +7,7 @@ mod error;
 mod hosts;
 mod images;
 mod instances;
+mod placement;
 mod reconcile;
 
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ pub use error::OpError;
 pub use hosts::HeartbeatResponse;
 pub use instances::DEFAULT_TYPE;
 use kumo_store::{NewEvent, Scope, Store};
+pub use placement::{Capacity, HostCapacity, SiteCapacity};
 use tokio::sync::Notify;
 
 #[derive(Debug, Clone)]

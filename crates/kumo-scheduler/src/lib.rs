@@ -141,6 +141,63 @@ pub fn choose(hosts: &[HostView], r: &Request, p: &Policy) -> Result<String, Str
     }
 }
 
+/// Whether the cluster can lose its largest host and still place every instance that ran
+/// on it (N+1). Greedy, largest instance first, onto the other `up` hosts' free capacity.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NPlusOne {
+    pub ok: bool,
+    /// The host whose loss was simulated (the one with the most memory).
+    pub largest_host: Option<String>,
+    /// Instances (vCPUs, MiB) of that host that would find no room elsewhere.
+    pub stranded: Vec<(u32, u64)>,
+}
+
+pub fn n_plus_one(
+    hosts: &[HostView],
+    instances_of: impl Fn(&str) -> Vec<(u32, u64)>,
+    p: &Policy,
+) -> NPlusOne {
+    let Some(largest) = hosts
+        .iter()
+        .max_by_key(|h| (h.memory_mib, h.vcpus, std::cmp::Reverse(h.name.clone())))
+    else {
+        return NPlusOne {
+            ok: true,
+            largest_host: None,
+            stranded: vec![],
+        };
+    };
+    let mut others: Vec<HostView> = hosts
+        .iter()
+        .filter(|h| h.id != largest.id && h.state == "up")
+        .cloned()
+        .collect();
+    let mut load = instances_of(&largest.id);
+    load.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
+    let mut stranded = vec![];
+    for (vcpus, mem) in load {
+        let req = Request {
+            vcpus,
+            memory_mib: mem,
+            site: None,
+        };
+        match choose(&others, &req, p) {
+            Ok(id) => {
+                if let Some(h) = others.iter_mut().find(|h| h.id == id) {
+                    h.used_vcpus += vcpus;
+                    h.used_memory_mib += mem;
+                }
+            }
+            Err(_) => stranded.push((vcpus, mem)),
+        }
+    }
+    NPlusOne {
+        ok: stranded.is_empty(),
+        largest_host: Some(largest.name.clone()),
+        stranded,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,6 +256,36 @@ mod tests {
         };
         let err = choose(&hosts, &r, &Policy::default()).unwrap_err();
         assert!(err.contains("site s1, not s2"));
+    }
+
+    #[test]
+    fn n_plus_one_moves_the_largest_hosts_load() {
+        let big = HostView {
+            used_memory_mib: 3000,
+            ..host("big", 2, 8192, 0)
+        };
+        let small = host("small", 2, 4096, 0);
+        let load = |id: &str| {
+            if id == "host-big" {
+                vec![(1, 2000), (1, 1000)]
+            } else {
+                vec![]
+            }
+        };
+        let r = n_plus_one(&[big.clone(), small.clone()], load, &Policy::default());
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.largest_host.as_deref(), Some("big"));
+        // Too much to move: 3 GiB + 2 GiB do not both fit in 3.5 GiB.
+        let heavy = |id: &str| {
+            if id == "host-big" {
+                vec![(1, 3072), (1, 2048)]
+            } else {
+                vec![]
+            }
+        };
+        let r = n_plus_one(&[big, small], heavy, &Policy::default());
+        assert!(!r.ok);
+        assert_eq!(r.stranded, vec![(1, 2048)]);
     }
 
     #[test]

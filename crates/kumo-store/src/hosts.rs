@@ -179,3 +179,95 @@ impl Store {
         Ok(rows.into_iter().map(|r| r.0).collect())
     }
 }
+
+/// Host states an operator may set, and from which states. `down` comes from missed
+/// heartbeats and `fenced` from HA; a heartbeat brings a `down` host back `up`.
+pub fn host_transition_allowed(from: &str, to: &str) -> bool {
+    matches!(
+        (from, to),
+        ("up", "maintenance")
+            | ("up", "draining")
+            | ("draining", "maintenance")
+            | ("draining", "up")
+            | ("maintenance", "up")
+            | ("fenced", "maintenance")
+            | ("down", "maintenance")
+    ) || from == to
+}
+
+#[derive(Debug, Clone)]
+pub struct JoinToken {
+    pub token: String,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl Store {
+    /// Set a host's state as an operator; refuses transitions that make no sense.
+    pub async fn set_host_state(&self, id: &str, to: &str) -> Result<HostRow> {
+        let host = self.host(id).await?;
+        if !["up", "maintenance", "draining"].contains(&to) {
+            return Err(StoreError::Invalid(format!(
+                "an operator can set a host up, maintenance or draining, not {to:?}"
+            )));
+        }
+        if !host_transition_allowed(&host.state, to) {
+            return Err(StoreError::Conflict(format!(
+                "host {} is {} and cannot go to {to}",
+                host.name, host.state
+            )));
+        }
+        let done = sqlx::query(
+            "UPDATE hosts SET state = $3, generation = generation + 1 WHERE id = $1 AND generation = $2",
+        )
+        .bind(&host.id)
+        .bind(host.generation)
+        .bind(to)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::Conflict(format!(
+                "host {} changed meanwhile; try again",
+                host.name
+            )));
+        }
+        self.host(&host.id).await
+    }
+
+    pub async fn join_tokens(&self) -> Result<Vec<JoinToken>> {
+        let rows = sqlx::query(
+            "SELECT token, created_at, revoked_at FROM join_tokens ORDER BY created_at",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(JoinToken {
+                    token: r.try_get("token")?,
+                    created_at: parse_time(&r.try_get::<String, _>("created_at")?)?,
+                    revoked_at: parse_time_opt(
+                        r.try_get::<Option<String>, _>("revoked_at")?.as_deref(),
+                    )?,
+                })
+            })
+            .collect()
+    }
+
+    /// Revoke a join token: hosts can no longer join with it (hosts that joined stay).
+    pub async fn revoke_join_token(&self, token: &str) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE join_tokens SET revoked_at = $2 WHERE token = $1 AND revoked_at IS NULL",
+        )
+        .bind(token)
+        .bind(now_str())
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound {
+                kind: "join token",
+                id: token.to_string(),
+            });
+        }
+        Ok(())
+    }
+}

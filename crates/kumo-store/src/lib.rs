@@ -23,7 +23,7 @@ use sqlx::SqlitePool;
 
 pub use auth::{AccessKey, Bootstrap};
 pub use ec2::TagRow;
-pub use hosts::{HostRow, HostUsage};
+pub use hosts::{host_transition_allowed, HostRow, HostUsage, JoinToken};
 pub use images::{ImageRow, NewImage};
 pub use instances::{InstanceRow, LaunchExtras, NetworkRow, NewInstance, Observation};
 pub use ops::{EventRow, IdempotentResponse, NewEvent, OperationRow};

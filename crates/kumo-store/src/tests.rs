@@ -274,3 +274,48 @@ async fn images_in_use_cannot_be_deleted() {
         Err(StoreError::Conflict(_))
     ));
 }
+
+#[tokio::test]
+async fn host_states_follow_checked_transitions() {
+    let (s, b) = setup().await;
+    let h = s
+        .register_host("h1", "http://x", "site1", &info())
+        .await
+        .expect("host");
+    assert_eq!(
+        s.set_host_state(&h.id, "draining")
+            .await
+            .expect("drain")
+            .state,
+        "draining"
+    );
+    assert_eq!(
+        s.set_host_state("h1", "maintenance")
+            .await
+            .expect("maint")
+            .state,
+        "maintenance"
+    );
+    assert!(matches!(
+        s.set_host_state("h1", "draining").await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.set_host_state("h1", "fenced").await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        s.set_host_state("h1", "down").await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert_eq!(s.set_host_state("h1", "up").await.expect("up").state, "up");
+    // A revoked join token no longer admits hosts.
+    assert!(s.join_token_valid(&b.join_token).await.expect("valid"));
+    s.revoke_join_token(&b.join_token).await.expect("revoke");
+    assert!(!s.join_token_valid(&b.join_token).await.expect("valid"));
+    assert!(matches!(
+        s.revoke_join_token(&b.join_token).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(s.join_tokens().await.expect("list").len(), 1);
+}

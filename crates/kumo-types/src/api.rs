@@ -206,3 +206,63 @@ pub struct WhoAmI {
     pub project_id: String,
     pub role: String,
 }
+
+/// Change a host's state (administrators): `up`, `maintenance` or `draining`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SetHostState {
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JoinToken {
+    /// Pass to `kumo agent --join-token` on a new host.
+    pub token: String,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+pub struct ExplainParams {
+    /// Instance type to place (default t1.small).
+    pub instance_type: Option<String>,
+    /// Only hosts of this site.
+    pub site: Option<String>,
+}
+
+/// One host's verdict for a placement.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PlacementVerdict {
+    pub host_id: String,
+    pub host_name: String,
+    /// Why the host cannot take the instance; absent when it can.
+    pub refused: Option<String>,
+    /// Higher is better, for hosts that can take it.
+    pub score: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CapacityRow {
+    /// Host or site name.
+    pub name: String,
+    pub site: String,
+    /// Host state, or the number of hosts for a site.
+    pub state: String,
+    /// Schedulable capacity (after overcommit and the host's reserve).
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub used_vcpus: u32,
+    pub used_memory_mib: u64,
+    pub free_vcpus: u32,
+    pub free_memory_mib: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CapacityReport {
+    pub hosts: Vec<CapacityRow>,
+    pub sites: Vec<CapacityRow>,
+    /// True when every instance of the largest host would fit on the other up hosts.
+    pub n_plus_one: bool,
+    pub largest_host: Option<String>,
+    /// Instances (vCPUs, MiB) that would find no room if the largest host were lost.
+    pub stranded: Vec<(u32, u64)>,
+}

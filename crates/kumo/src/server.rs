@@ -33,7 +33,12 @@ pub struct ServerArgs {
 #[derive(Args, Debug, Clone)]
 pub struct AgentArgs {
     /// The controller's URL.
-    #[arg(long, env = "KUMO_CONTROLLER", default_value = "http://127.0.0.1:8780")]
+    #[arg(
+        long,
+        alias = "join",
+        env = "KUMO_CONTROLLER",
+        default_value = "http://127.0.0.1:8780"
+    )]
     pub controller: String,
     /// Join token (needed the first time only).
     #[arg(long, env = "KUMO_JOIN_TOKEN")]
