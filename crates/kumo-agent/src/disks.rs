@@ -16,6 +16,11 @@ impl Agent {
             .await
             .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
         let path = dir.join(&img.id);
+        let lock = {
+            let mut locks = self.image_locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.entry(img.id.clone()).or_default().clone()
+        };
+        let _held = lock.lock().await;
         if tokio::fs::metadata(&path).await.is_ok() {
             return Ok(path);
         }

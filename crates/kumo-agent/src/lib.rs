@@ -53,6 +53,8 @@ pub struct Agent {
     vms: vms::Vms,
     http: reqwest::Client,
     beat: tokio::sync::Notify,
+    /// One lock per image id: VMs starting together fetch a shared image once.
+    image_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Agent {
@@ -119,6 +121,7 @@ pub async fn start(cfg: Config) -> Result<Arc<Agent>, AgentError> {
         vms,
         http,
         beat: tokio::sync::Notify::new(),
+        image_locks: Default::default(),
     });
     agent.resume().await;
     let app = http::router(agent.clone());

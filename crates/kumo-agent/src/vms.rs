@@ -11,6 +11,9 @@ use tokio::sync::{Mutex, Notify};
 
 use crate::error::chain;
 
+/// Attempts to converge a VM after a failure before it is reported `Failed`.
+const CONVERGE_RETRIES: u32 = 3;
+
 /// How long a heartbeat waits for one VM's state.
 const STATE_PROBE: std::time::Duration = std::time::Duration::from_millis(200);
 use crate::ledger::{self, VmRecord};
@@ -182,6 +185,7 @@ impl Agent {
     }
 
     async fn worker(self: Arc<Self>, id: String, wake: Arc<Notify>) {
+        let mut failures = 0u32;
         loop {
             let job = {
                 let map = self.vms.map.lock().await;
@@ -204,6 +208,17 @@ impl Agent {
                 }
                 let mut map = self.vms.map.lock().await;
                 let Some(e) = map.get_mut(&id) else { return };
+                if error.is_some() && failures < CONVERGE_RETRIES {
+                    // Often transient (a download, a busy host): try again before reporting
+                    // failure; a newer spec or a delete ends the wait.
+                    failures += 1;
+                    e.rec.error = error;
+                    drop(map);
+                    let backoff = std::time::Duration::from_secs(1 << failures.min(4));
+                    let _ = tokio::time::timeout(backoff, wake.notified()).await;
+                    continue;
+                }
+                failures = 0;
                 e.rec.applied_generation = rec.desired.generation;
                 e.rec.applied_reboot_seq = e.rec.applied_reboot_seq.max(rec.desired.reboot_seq);
                 e.rec.error = error;

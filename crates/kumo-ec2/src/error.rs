@@ -12,8 +12,6 @@ pub enum Ec2Error {
     #[error("{0}")]
     AuthFailure(String),
     #[error("{0}")]
-    SignatureDoesNotMatch(String),
-    #[error("{0}")]
     RequestExpired(String),
     #[error("{0}")]
     UnauthorizedOperation(String),
@@ -66,7 +64,6 @@ impl Ec2Error {
         use Ec2Error::*;
         match self {
             AuthFailure(_) => "AuthFailure",
-            SignatureDoesNotMatch(_) => "SignatureDoesNotMatch",
             RequestExpired(_) => "RequestExpired",
             UnauthorizedOperation(_) => "UnauthorizedOperation",
             InvalidParameterValue(_) => "InvalidParameterValue",
@@ -98,7 +95,7 @@ impl Ec2Error {
         use Ec2Error::*;
         match self {
             AuthFailure(_) => StatusCode::UNAUTHORIZED,
-            SignatureDoesNotMatch(_) | UnauthorizedOperation(_) => StatusCode::FORBIDDEN,
+            UnauthorizedOperation(_) => StatusCode::FORBIDDEN,
             DryRunOperation => StatusCode::PRECONDITION_FAILED,
             // EC2 lists InsufficientInstanceCapacity among its server errors (500).
             InsufficientInstanceCapacity(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -177,7 +174,6 @@ mod tests {
     fn statuses_follow_ec2() {
         let m = String::new;
         assert_eq!(Ec2Error::AuthFailure(m()).status().as_u16(), 401);
-        assert_eq!(Ec2Error::SignatureDoesNotMatch(m()).status().as_u16(), 403);
         assert_eq!(Ec2Error::UnauthorizedOperation(m()).status().as_u16(), 403);
         assert_eq!(Ec2Error::RequestExpired(m()).status().as_u16(), 400);
         assert_eq!(Ec2Error::DryRunOperation.status().as_u16(), 412);

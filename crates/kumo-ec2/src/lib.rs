@@ -311,8 +311,9 @@ async fn authenticate(
         Err(e) => {
             use kumo_sigv4::VerifyError as V;
             Err(match e {
-                V::SignatureMismatch | V::ContentSha256Mismatch => Ec2Error::SignatureDoesNotMatch(
-                    "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method.".into(),
+                // EC2 (unlike S3) answers a bad signature with AuthFailure.
+                V::SignatureMismatch | V::ContentSha256Mismatch => Ec2Error::AuthFailure(
+                    "AWS was not able to validate the provided access credentials".into(),
                 ),
                 V::RequestExpired => Ec2Error::RequestExpired(format!(
                     "Request has expired: the signing time is more than {MAX_SKEW_MINUTES} minutes from the server's clock"

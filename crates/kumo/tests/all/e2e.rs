@@ -644,3 +644,47 @@ async fn vm_lifecycle_end_to_end() {
     );
     eprintln!("e2e::vm_lifecycle_end_to_end took {:?}", t0.elapsed());
 }
+
+/// Several VMs launched at once from a cold host cache fetch each image once and all run.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_launches_share_the_image_cache() {
+    let cloud = Cloud::start(Hv::Qemu).await;
+    let image = cloud.demo_image().await;
+    let req = |name: &str| kumo_types::api::CreateInstance {
+        name: name.into(),
+        image: image.clone(),
+        instance_type: Some("t1.nano".into()),
+        site: None,
+    };
+    let c = &cloud.client;
+    let (r1, r2, r3) = (req("c1"), req("c2"), req("c3"));
+    let (a, b, d) = tokio::join!(
+        c.create_instance(&r1, None),
+        c.create_instance(&r2, None),
+        c.create_instance(&r3, None)
+    );
+    let ids: Vec<String> = [a, b, d]
+        .into_iter()
+        .map(|r| r.expect("create").id)
+        .collect();
+    for id in &ids {
+        let i = cloud
+            .wait_state(id, InstanceState::Running, Duration::from_secs(120))
+            .await;
+        assert!(i.last_error.is_none(), "{id}: {:?}", i.last_error);
+        assert_eq!(cloud.qemu_pids_for(id).len(), 1, "{id} runs exactly once");
+    }
+    let cache = cloud.agents[0].data_dir.join("images");
+    let mut files: Vec<String> = std::fs::read_dir(&cache)
+        .expect("cache")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files.len(),
+        3,
+        "kernel, ramdisk and disk once each: {files:?}"
+    );
+    assert!(files.iter().all(|f| !f.ends_with(".download")), "{files:?}");
+}

@@ -6,6 +6,7 @@ mod api;
 mod common;
 mod e2e;
 mod ec2;
+mod ec2compat;
 mod hosts;
 mod images;
 mod openapi;
