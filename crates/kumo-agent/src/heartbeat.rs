@@ -55,6 +55,7 @@ pub(crate) async fn host_info(hv: &dyn Hypervisor) -> HostInfo {
             .map(|a| a.as_str().to_string())
             .unwrap_or_else(|| "none".into()),
         qemu_version,
+        labels: Default::default(),
     }
 }
 

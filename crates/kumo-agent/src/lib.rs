@@ -41,6 +41,8 @@ pub struct Config {
     pub stop_timeout: Duration,
     /// Offer this many vCPUs and MiB of memory instead of the machine's own.
     pub capacity: Option<(u32, u64)>,
+    /// Operator labels for placement policies (`role=core`, `role=spare` ...).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 pub struct Agent {
@@ -100,6 +102,7 @@ pub async fn start(cfg: Config) -> Result<Arc<Agent>, AgentError> {
         None
     };
     let mut info = heartbeat::host_info(hv.as_ref()).await;
+    info.labels = cfg.labels.clone();
     if let Some((vcpus, memory_mib)) = cfg.capacity {
         info.vcpus = vcpus;
         info.memory_mib = memory_mib;

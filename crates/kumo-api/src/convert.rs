@@ -62,6 +62,7 @@ pub fn host(r: HostRow, u: Option<&HostUsage>) -> Host {
         used_memory_mib: u.memory_mib,
         instances: u.instances,
         last_heartbeat: r.last_heartbeat,
+        labels: r.labels,
         created_at: r.created_at,
     }
 }

@@ -197,7 +197,16 @@ pub async fn explain_placement(
 ) -> Result<Json<Vec<PlacementVerdict>>, ApiError> {
     admin_only(&c)?;
     let ty = q.instance_type.as_deref().unwrap_or("t1.small");
-    let v = st.ctl.explain_placement(ty, q.site).await?;
+    let constraints: Vec<String> = q
+        .constraints
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(String::from)
+        .collect();
+    let v = st.ctl.explain_placement(ty, q.site, &constraints).await?;
     Ok(Json(
         v.into_iter()
             .map(|v| PlacementVerdict {

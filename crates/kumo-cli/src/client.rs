@@ -382,6 +382,7 @@ impl Client {
         &self,
         instance_type: &str,
         site: Option<&str>,
+        constraints: &[String],
     ) -> Result<Vec<PlacementVerdict>, ClientError> {
         let mut q = format!(
             "/api/v1/placement/explain?instance_type={}",
@@ -389,6 +390,9 @@ impl Client {
         );
         if let Some(s) = site {
             q.push_str(&format!("&site={}", enc(s)));
+        }
+        if !constraints.is_empty() {
+            q.push_str(&format!("&constraints={}", enc(&constraints.join(","))));
         }
         self.get(&q).await
     }

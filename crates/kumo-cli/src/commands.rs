@@ -34,6 +34,9 @@ pub enum VmCmd {
         /// Place it in this site (availability zone).
         #[arg(long)]
         site: Option<String>,
+        /// A host label it needs (role=core) or avoids (role!=personal); repeatable.
+        #[arg(long = "constraint")]
+        constraints: Vec<String>,
         /// Wait until it is running.
         #[arg(long)]
         wait: bool,
@@ -94,6 +97,9 @@ pub enum VmCmd {
         instance_type: String,
         #[arg(long)]
         site: Option<String>,
+        /// A host label it needs (role=core) or avoids (role!=personal); repeatable.
+        #[arg(long = "constraint")]
+        constraints: Vec<String>,
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
@@ -292,6 +298,7 @@ impl VmCmd {
                 image,
                 instance_type,
                 site,
+                constraints,
                 wait,
                 idempotency_key,
                 output,
@@ -301,6 +308,7 @@ impl VmCmd {
                     image,
                     instance_type: Some(instance_type),
                     site,
+                    constraints,
                 };
                 let mut i = client
                     .create_instance(&req, idempotency_key.as_deref())
@@ -398,10 +406,11 @@ impl VmCmd {
             VmCmd::ExplainPlacement {
                 instance_type,
                 site,
+                constraints,
                 output,
             } => {
                 let v = client
-                    .explain_placement(&instance_type, site.as_deref())
+                    .explain_placement(&instance_type, site.as_deref(), &constraints)
                     .await?;
                 if output == Output::Json {
                     return print_json(&v);

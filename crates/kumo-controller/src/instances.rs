@@ -75,10 +75,14 @@ impl Controller {
             network_id: network.id,
             extras: extras.clone(),
         };
+        let constraints =
+            kumo_scheduler::parse_constraints(&req.constraints).map_err(OpError::Invalid)?;
         let request = Request {
             vcpus: itype.vcpus,
             memory_mib: itype.memory_mib,
             site: req.site.clone(),
+            constraints,
+            allow_spare: false,
         };
         let policy = self.cfg.policy;
         let row = self
@@ -191,11 +195,14 @@ impl Controller {
                 memory_mib: host.memory_mib,
                 used_vcpus: u.vcpus.saturating_sub(current.vcpus),
                 used_memory_mib: u.memory_mib.saturating_sub(current.memory_mib),
+                // The instance stays where it is: only its size is checked.
+                labels: Default::default(),
             };
             let req = Request {
                 vcpus: itype.vcpus,
                 memory_mib: itype.memory_mib,
-                site: None,
+                allow_spare: true,
+                ..Request::default()
             };
             kumo_scheduler::choose(&[view], &req, &self.cfg.policy).map_err(OpError::NoCapacity)?;
         }

@@ -25,6 +25,7 @@ pub(crate) fn host_views(hosts: &[HostRow], usage: &HashMap<String, HostUsage>) 
                 memory_mib: h.memory_mib,
                 used_vcpus: u.vcpus,
                 used_memory_mib: u.memory_mib,
+                labels: h.labels.clone(),
             }
         })
         .collect()
@@ -70,7 +71,10 @@ impl Controller {
         &self,
         instance_type: &str,
         site: Option<String>,
+        constraints: &[String],
     ) -> Result<Vec<Verdict>, OpError> {
+        let constraints =
+            kumo_scheduler::parse_constraints(constraints).map_err(OpError::Invalid)?;
         let t = self
             .store
             .instance_type(instance_type)
@@ -86,6 +90,8 @@ impl Controller {
             vcpus: t.vcpus,
             memory_mib: t.memory_mib,
             site,
+            constraints,
+            allow_spare: false,
         };
         Ok(kumo_scheduler::explain(&views, &req, &self.cfg.policy))
     }

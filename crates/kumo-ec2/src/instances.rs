@@ -493,6 +493,7 @@ pub async fn run(ctx: &Ctx<'_>, mut p: Params) -> Result<String, Ec2Error> {
             image: image.id.clone(),
             instance_type: Some(itype.clone()),
             site: zone.clone(),
+            constraints: vec![],
         };
         let mut res = ctx
             .ctl

@@ -1,6 +1,8 @@
 //! Placement as a pure function: every host is either refused with a reason or scored, so a
 //! failed placement explains itself. The store applies the decision atomically.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 #[derive(Debug, Clone)]
@@ -13,13 +15,81 @@ pub struct HostView {
     pub memory_mib: u64,
     pub used_vcpus: u32,
     pub used_memory_mib: u64,
+    /// Operator labels; `role` is the one policies use most (`core`, `personal`, `spare`).
+    pub labels: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Request {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub site: Option<String>,
+    pub constraints: Vec<Constraint>,
+    /// Failover and evacuation may use spare hosts; ordinary placement may not.
+    pub allow_spare: bool,
+}
+
+/// `key=value` (the host must have it) or `key!=value` (the host must not).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Constraint {
+    pub key: String,
+    pub value: String,
+    pub require: bool,
+}
+
+impl std::fmt::Display for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}{}{}",
+            self.key,
+            if self.require { "=" } else { "!=" },
+            self.value
+        )
+    }
+}
+
+/// Label keys and values: 1–63 of `a-z 0-9 . _ -`, starting with a letter or digit.
+pub fn valid_label_part(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-_".contains(c))
+}
+
+/// Parse `key=value` / `key!=value` constraints; contradictions are refused.
+pub fn parse_constraints(raw: &[String]) -> Result<Vec<Constraint>, String> {
+    let mut out: Vec<Constraint> = vec![];
+    for r in raw {
+        let (key, value, require) = match r.split_once("!=") {
+            Some((k, v)) => (k, v, false),
+            None => match r.split_once('=') {
+                Some((k, v)) => (k, v, true),
+                None => return Err(format!("constraint {r:?} must be key=value or key!=value")),
+            },
+        };
+        if !valid_label_part(key) || !valid_label_part(value) {
+            return Err(format!(
+                "constraint {r:?}: keys and values are 1-63 of a-z, 0-9, '.', '_', '-'"
+            ));
+        }
+        let c = Constraint {
+            key: key.into(),
+            value: value.into(),
+            require,
+        };
+        for o in &out {
+            let clash = o.key == c.key
+                && ((o.value == c.value && o.require != c.require)
+                    || (o.require && c.require && o.value != c.value));
+            if clash {
+                return Err(format!("constraints {o} and {c} contradict each other"));
+            }
+        }
+        out.push(c);
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +136,21 @@ fn judge(h: &HostView, r: &Request, p: &Policy) -> Result<f64, String> {
     if let Some(site) = &r.site {
         if &h.site != site {
             return Err(format!("host is in site {}, not {site}", h.site));
+        }
+    }
+    if !r.allow_spare && h.labels.get("role").map(String::as_str) == Some("spare") {
+        return Err("spare host: kept free for failover and evacuation".into());
+    }
+    for c in &r.constraints {
+        let has = h.labels.get(&c.key);
+        if c.require && has != Some(&c.value) {
+            return Err(match has {
+                Some(v) => format!("needs {c}, host has {}={v}", c.key),
+                None => format!("needs {c}, host has no {} label", c.key),
+            });
+        }
+        if !c.require && has == Some(&c.value) {
+            return Err(format!("avoids {}={}", c.key, c.value));
         }
     }
     let (cpus, mem) = capacity(h, p);
@@ -176,10 +261,12 @@ pub fn n_plus_one(
     load.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
     let mut stranded = vec![];
     for (vcpus, mem) in load {
+        // Failover may use spare hosts.
         let req = Request {
             vcpus,
             memory_mib: mem,
-            site: None,
+            allow_spare: true,
+            ..Request::default()
         };
         match choose(&others, &req, p) {
             Ok(id) => {
@@ -212,6 +299,7 @@ mod tests {
             memory_mib: mem,
             used_vcpus: 0,
             used_memory_mib: used_mem,
+            labels: BTreeMap::new(),
         }
     }
 
@@ -219,8 +307,78 @@ mod tests {
         Request {
             vcpus,
             memory_mib: mem,
-            site: None,
+            ..Request::default()
         }
+    }
+
+    fn labelled(name: &str, role: &str) -> HostView {
+        let mut h = host(name, 2, 4096, 0);
+        h.labels.insert("role".into(), role.into());
+        h
+    }
+
+    #[test]
+    fn roles_and_spares() {
+        let hosts = [
+            labelled("core1", "core"),
+            labelled("pers1", "personal"),
+            labelled("spare1", "spare"),
+        ];
+        let p = Policy::default();
+        let core = Request {
+            constraints: parse_constraints(&["role=core".into()]).unwrap_or_default(),
+            ..req(1, 128)
+        };
+        assert_eq!(choose(&hosts, &core, &p), Ok("host-core1".into()));
+        let not_personal = Request {
+            constraints: parse_constraints(&["role!=personal".into()]).unwrap_or_default(),
+            ..req(1, 128)
+        };
+        let v = explain(&hosts, &not_personal, &p);
+        assert_eq!(v[1].refused.as_deref(), Some("avoids role=personal"));
+        assert_eq!(
+            v[2].refused.as_deref(),
+            Some("spare host: kept free for failover and evacuation")
+        );
+        // Failover may use the spare.
+        let failover = Request {
+            allow_spare: true,
+            constraints: parse_constraints(&["role=spare".into()]).unwrap_or_default(),
+            ..req(1, 128)
+        };
+        assert_eq!(choose(&hosts, &failover, &p), Ok("host-spare1".into()));
+        let err = choose(
+            &hosts,
+            &Request {
+                constraints: parse_constraints(&["rack=a".into()]).unwrap_or_default(),
+                ..req(1, 128)
+            },
+            &p,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("needs rack=a, host has no rack label"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn constraints_are_checked() {
+        assert!(parse_constraints(&["role=core".into(), "rack!=b".into()]).is_ok());
+        for bad in [
+            vec!["role"],
+            vec!["Role=core"],
+            vec!["role=co re"],
+            vec!["role=core", "role!=core"],
+            vec!["role=core", "role=personal"],
+            vec!["=x"],
+        ] {
+            let bad: Vec<String> = bad.into_iter().map(String::from).collect();
+            assert!(parse_constraints(&bad).is_err(), "{bad:?}");
+        }
+        assert!(
+            valid_label_part("spare") && !valid_label_part("sp are") && !valid_label_part("-x")
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub struct HostRow {
     pub last_heartbeat: Option<DateTime<Utc>>,
     pub generation: i64,
     pub created_at: DateTime<Utc>,
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// What the live instances on a host reserve. Stopped instances keep their reservation:
@@ -35,7 +36,7 @@ pub struct HostUsage {
     pub instances: u32,
 }
 
-const HOST_COLUMNS: &str = "id, name, secret, address, site, state, vcpus, memory_mib, hypervisor, accel, qemu_version, last_heartbeat, generation, created_at";
+const HOST_COLUMNS: &str = "id, name, secret, address, site, state, vcpus, memory_mib, hypervisor, accel, qemu_version, last_heartbeat, generation, created_at, labels";
 
 fn host_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<HostRow> {
     Ok(HostRow {
@@ -57,7 +58,29 @@ fn host_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<HostRow> {
         )?,
         generation: r.try_get("generation")?,
         created_at: parse_time(&r.try_get::<String, _>("created_at")?)?,
+        labels: serde_json::from_str(&r.try_get::<String, _>("labels")?)
+            .map_err(|_| StoreError::Corrupt("labels"))?,
     })
+}
+
+/// Labels are `key=value` with keys and values of 1-63 `a-z 0-9 . _ -`.
+fn check_labels(labels: &std::collections::BTreeMap<String, String>) -> Result<String> {
+    for (k, v) in labels {
+        if !valid_label_part(k) || !valid_label_part(v) {
+            return Err(StoreError::Invalid(format!(
+                "label {k:?}={v:?}: keys and values are 1 to 63 of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
+            )));
+        }
+    }
+    serde_json::to_string(labels).map_err(|_| StoreError::Corrupt("labels"))
+}
+
+fn valid_label_part(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-_".contains(c))
 }
 
 impl Store {
@@ -71,11 +94,12 @@ impl Store {
     ) -> Result<HostRow> {
         kumo_types::id::validate_name(name).map_err(StoreError::Invalid)?;
         kumo_types::id::validate_name(site).map_err(StoreError::Invalid)?;
+        let labels = check_labels(&info.labels)?;
         let id = new_id(IdKind::Host);
         let now = now_str();
         sqlx::query(
-            "INSERT INTO hosts (id, name, secret, address, site, state, vcpus, memory_mib, hypervisor, accel, qemu_version, last_heartbeat, generation, created_at)
-             VALUES ($1, $2, $3, $4, $5, 'up', $6, $7, $8, $9, $10, $11, 1, $11)",
+            "INSERT INTO hosts (id, name, secret, address, site, state, vcpus, memory_mib, hypervisor, accel, qemu_version, last_heartbeat, generation, created_at, labels)
+             VALUES ($1, $2, $3, $4, $5, 'up', $6, $7, $8, $9, $10, $11, 1, $11, $12)",
         )
         .bind(&id)
         .bind(name)
@@ -88,6 +112,7 @@ impl Store {
         .bind(&info.accel)
         .bind(&info.qemu_version)
         .bind(&now)
+        .bind(&labels)
         .execute(&self.pool)
         .await
         .map_err(|e| unique_conflict(e, format!("a host named {name} is already registered")))?;
@@ -141,9 +166,10 @@ impl Store {
 
     /// Record a heartbeat; a `down` host that reports again comes back `up`.
     pub async fn host_heartbeat(&self, id: &str, address: &str, info: &HostInfo) -> Result<()> {
+        let labels = check_labels(&info.labels)?;
         let done = sqlx::query(
             "UPDATE hosts SET address = $2, vcpus = $3, memory_mib = $4, hypervisor = $5, accel = $6,
-                 qemu_version = $7, last_heartbeat = $8,
+                 qemu_version = $7, last_heartbeat = $8, labels = $9,
                  state = CASE WHEN state = 'down' THEN 'up' ELSE state END,
                  generation = generation + 1
              WHERE id = $1",
@@ -156,6 +182,7 @@ impl Store {
         .bind(&info.accel)
         .bind(&info.qemu_version)
         .bind(now_str())
+        .bind(&labels)
         .execute(&self.pool)
         .await?;
         if done.rows_affected() == 0 {

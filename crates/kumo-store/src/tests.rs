@@ -9,6 +9,7 @@ fn info() -> HostInfo {
         hypervisor: "sim".into(),
         accel: "tcg".into(),
         qemu_version: "sim".into(),
+        labels: Default::default(),
     }
 }
 
@@ -318,4 +319,33 @@ async fn host_states_follow_checked_transitions() {
         Err(StoreError::NotFound { .. })
     ));
     assert_eq!(s.join_tokens().await.expect("list").len(), 1);
+}
+
+#[tokio::test]
+async fn host_labels_are_checked_and_kept() {
+    let (s, _) = setup().await;
+    let mut i = info();
+    i.labels.insert("role".into(), "spare".into());
+    let h = s
+        .register_host("h1", "http://x", "site1", &i)
+        .await
+        .expect("host");
+    assert_eq!(h.labels.get("role").map(String::as_str), Some("spare"));
+    let mut bad = info();
+    bad.labels.insert("role".into(), "Spare Host!".into());
+    assert!(matches!(
+        s.register_host("h2", "http://x", "site1", &bad).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(
+        s.hosts()
+            .await
+            .expect("hosts")
+            .iter()
+            .all(|h| h.name != "h2"),
+        "nothing is created"
+    );
+    i.labels.insert("rack".into(), "a".into());
+    s.host_heartbeat(&h.id, "http://x", &i).await.expect("beat");
+    assert_eq!(s.host("h1").await.expect("h1").labels.len(), 2);
 }

@@ -99,6 +99,9 @@ pub struct HostInfo {
     pub hypervisor: String,
     pub accel: String,
     pub qemu_version: String,
+    /// Operator labels of the host (`role=core`, `rack=a` ...).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

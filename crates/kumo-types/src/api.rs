@@ -56,6 +56,8 @@ pub struct Host {
     pub used_memory_mib: u64,
     pub instances: u32,
     pub last_heartbeat: Option<DateTime<Utc>>,
+    /// Operator labels (`role=core`, `role=spare` ...).
+    pub labels: std::collections::BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -156,6 +158,9 @@ pub struct CreateInstance {
     /// Place the instance in this site (availability zone).
     #[serde(default)]
     pub site: Option<String>,
+    /// Host labels the instance needs (`role=core`) or avoids (`role!=personal`).
+    #[serde(default)]
+    pub constraints: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -227,6 +232,8 @@ pub struct ExplainParams {
     pub instance_type: Option<String>,
     /// Only hosts of this site.
     pub site: Option<String>,
+    /// Comma-separated constraints, e.g. `role=core,rack!=b`.
+    pub constraints: Option<String>,
 }
 
 /// One host's verdict for a placement.

@@ -72,6 +72,16 @@ pub struct AgentArgs {
     /// Offer VCPUS:MEMORY_MIB to the scheduler instead of the machine's own size.
     #[arg(long, value_parser = parse_capacity)]
     pub capacity: Option<(u32, u64)>,
+    /// A host label KEY=VALUE for placement policies (repeatable), e.g. role=core, role=spare.
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or("a label is KEY=VALUE, e.g. role=core")?;
+    Ok((k.to_string(), v.to_string()))
 }
 
 fn parse_capacity(s: &str) -> Result<(u32, u64), String> {
@@ -184,6 +194,7 @@ pub fn agent_config(a: &AgentArgs) -> kumo_agent::Config {
         heartbeat_interval: Duration::from_secs(a.heartbeat_interval.max(1)),
         stop_timeout: Duration::from_secs(a.stop_timeout),
         capacity: a.capacity,
+        labels: a.labels.iter().cloned().collect(),
     }
 }
 

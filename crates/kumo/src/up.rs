@@ -216,6 +216,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         heartbeat_interval: 2,
         stop_timeout: 30,
         capacity: None,
+        labels: vec![],
     };
     let agent = kumo_agent::start(server::agent_config(&aargs)).await?;
     ensure_demo_image(&ctl, &data).await?;

@@ -242,6 +242,7 @@ pub async fn create_vm(cloud: &Cloud, name: &str) -> String {
         image: "demo".into(),
         instance_type: Some("t1.micro".into()),
         site: None,
+        constraints: vec![],
     };
     let i = cloud
         .client
@@ -655,6 +656,7 @@ async fn concurrent_launches_share_the_image_cache() {
         image: image.clone(),
         instance_type: Some("t1.nano".into()),
         site: None,
+        constraints: vec![],
     };
     let c = &cloud.client;
     let (r1, r2, r3) = (req("c1"), req("c2"), req("c3"));

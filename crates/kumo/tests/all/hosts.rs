@@ -29,7 +29,7 @@ async fn host_states_placement_capacity_and_join_tokens() {
 
     // Both hosts can take a t1.medium (1024 MiB); host0 scores better (more room left).
     let v = c
-        .explain_placement("t1.medium", None)
+        .explain_placement("t1.medium", None, &[])
         .await
         .expect("explain");
     assert_eq!(v.len(), 2);
@@ -39,7 +39,7 @@ async fn host_states_placement_capacity_and_join_tokens() {
     );
     // A t1.large (2048 MiB) does not fit host1 (1536 MiB for guests): the reason is named.
     let v = c
-        .explain_placement("t1.large", None)
+        .explain_placement("t1.large", None, &[])
         .await
         .expect("explain");
     let h1 = v.iter().find(|h| h.host_name == "host1").expect("host1");
@@ -51,7 +51,7 @@ async fn host_states_placement_capacity_and_join_tokens() {
     );
     assert!(matches!(
         code(
-            c.explain_placement("no.such", None)
+            c.explain_placement("no.such", None, &[])
                 .await
                 .expect_err("bad type")
         ),
@@ -82,7 +82,7 @@ async fn host_states_placement_capacity_and_join_tokens() {
         400
     );
     let v = c
-        .explain_placement("t1.small", None)
+        .explain_placement("t1.small", None, &[])
         .await
         .expect("explain");
     assert!(v
@@ -95,6 +95,7 @@ async fn host_states_placement_capacity_and_join_tokens() {
         image: img.clone(),
         instance_type: Some("t1.medium".into()),
         site: None,
+        constraints: vec![],
     };
     let a = c.create_instance(&req("a"), None).await.expect("a");
     let host1 = c
@@ -218,4 +219,183 @@ async fn host_states_placement_capacity_and_join_tokens() {
         403
     );
     assert_eq!(code(carol.capacity().await.expect_err("member")).0, 403);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn roles_spare_hosts_and_constraints() {
+    let mut cloud = Cloud::controller_only().await;
+    cloud
+        .add_agent_with(Hv::Sim, &["--label", "role=core"])
+        .await;
+    cloud
+        .add_agent_with(Hv::Sim, &["--label", "role=personal"])
+        .await;
+    cloud
+        .add_agent_with(
+            Hv::Sim,
+            &["--label", "role=spare", "--capacity", "64:262144"],
+        )
+        .await;
+    let c = cloud.client.clone();
+    let img = crate::sim::tiny_image(&cloud, "tiny", true).await;
+    let host_id = |name: &str, hosts: &[kumo_types::api::Host]| {
+        hosts
+            .iter()
+            .find(|h| h.name == name)
+            .map(|h| h.id.clone())
+            .expect("host")
+    };
+    let hosts = c.hosts().await.expect("hosts");
+    assert_eq!(
+        hosts
+            .iter()
+            .find(|h| h.name == "host2")
+            .map(|h| h.labels.get("role").cloned()),
+        Some(Some("spare".into()))
+    );
+
+    // The spare host is the emptiest by far, yet ordinary placement never uses it.
+    let mut placed = vec![];
+    for n in 0..4 {
+        let i = c
+            .create_instance(
+                &CreateInstance {
+                    name: format!("p{n}"),
+                    image: img.clone(),
+                    instance_type: Some("t1.nano".into()),
+                    site: None,
+                    constraints: vec![],
+                },
+                None,
+            )
+            .await
+            .expect("create");
+        placed.push(i.host_id.expect("placed"));
+    }
+    assert!(
+        !placed.contains(&host_id("host2", &hosts)),
+        "an instance landed on the spare host"
+    );
+    let v = c
+        .explain_placement("t1.nano", None, &[])
+        .await
+        .expect("explain");
+    assert!(
+        v.iter()
+            .any(|h| h.host_name == "host2"
+                && h.refused.as_deref().is_some_and(|r| r.contains("spare"))),
+        "{v:?}"
+    );
+
+    // Constraints: require role=core; avoid role=personal.
+    let core = c
+        .create_instance(
+            &CreateInstance {
+                name: "db".into(),
+                image: img.clone(),
+                instance_type: Some("t1.nano".into()),
+                site: None,
+                constraints: vec!["role=core".into()],
+            },
+            None,
+        )
+        .await
+        .expect("core");
+    assert_eq!(core.host_id, Some(host_id("host0", &hosts)));
+    let away = c
+        .create_instance(
+            &CreateInstance {
+                name: "web".into(),
+                image: img.clone(),
+                instance_type: Some("t1.nano".into()),
+                site: None,
+                constraints: vec!["role!=personal".into()],
+            },
+            None,
+        )
+        .await
+        .expect("away");
+    assert_eq!(away.host_id, Some(host_id("host0", &hosts)));
+    // Nothing satisfies role=storage: the error names each host's reason, nothing is reserved.
+    let before = c.instances().await.expect("list").len();
+    let e = c
+        .create_instance(
+            &CreateInstance {
+                name: "nope".into(),
+                image: img.clone(),
+                instance_type: Some("t1.nano".into()),
+                site: None,
+                constraints: vec!["role=storage".into()],
+            },
+            None,
+        )
+        .await
+        .expect_err("no host");
+    let kumo_cli::ClientError::Api {
+        status, message, ..
+    } = e
+    else {
+        panic!("{e}")
+    };
+    assert_eq!(status, 503);
+    assert!(
+        message.contains("needs role=storage, host has role=core")
+            && message.contains("spare host"),
+        "{message}"
+    );
+    // Contradictory or malformed constraints are refused before anything happens.
+    for bad in [
+        vec!["role=core", "role!=core"],
+        vec!["role=core", "role=personal"],
+        vec!["role"],
+        vec!["Role=Core"],
+    ] {
+        let e = c
+            .create_instance(
+                &CreateInstance {
+                    name: "bad".into(),
+                    image: img.clone(),
+                    instance_type: Some("t1.nano".into()),
+                    site: None,
+                    constraints: bad.iter().map(|s| s.to_string()).collect(),
+                },
+                None,
+            )
+            .await
+            .expect_err("bad constraints");
+        assert_eq!(code(e).0, 400, "{bad:?}");
+    }
+    assert_eq!(c.instances().await.expect("list").len(), before);
+
+    // A host label with odd characters keeps the agent out.
+    let out = Command::new(KUMO)
+        .args([
+            "agent",
+            "--join",
+            &cloud.endpoint,
+            "--join-token",
+            &cloud.join_token,
+            "--name",
+            "odd",
+            "--hypervisor",
+            "sim",
+            "--label",
+            "role=Core Host!",
+            "--data-dir",
+        ])
+        .arg(cloud.dir.path().join("odd"))
+        .output()
+        .expect("run agent");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("label"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!c
+        .hosts()
+        .await
+        .expect("hosts")
+        .iter()
+        .any(|h| h.name == "odd"));
 }

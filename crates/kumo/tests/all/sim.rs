@@ -71,6 +71,7 @@ pub fn create_req(name: &str, image: &str, itype: &str) -> CreateInstance {
         image: image.into(),
         instance_type: Some(itype.into()),
         site: None,
+        constraints: vec![],
     }
 }
 
