@@ -203,6 +203,9 @@ def tenancy():
     check(priv not in [i["ImageId"] for i in o.describe_images()["Images"]], "another project's private image is listed")
     s(expect_error, "InvalidAMIID.NotFound", o.run_instances, ImageId=priv, MinCount=1, MaxCount=1)
     s(expect_error, "InvalidAMIID.NotFound", o.deregister_image, ImageId=priv)
+    # The public image is visible to the other project, but not its to deregister.
+    s(expect_error, "UnauthorizedOperation", o.deregister_image, ImageId=state["ami"])
+    s(expect_error, "UnauthorizedOperation", o.deregister_image, ImageId=state["ami"], DryRun=True)
     c.deregister_image(ImageId=priv)
     state.pop("priv")
     s.done()

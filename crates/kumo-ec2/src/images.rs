@@ -322,12 +322,16 @@ pub async fn deregister(ctx: &Ctx<'_>, mut p: Params) -> Result<String, Ec2Error
     Ok(x.finish())
 }
 
-/// An image the caller owns (admins: any); others' images are NotFound.
+/// An image the caller owns (admins: any). A public image of another project is visible, so
+/// changing it is UnauthorizedOperation; any other image of another project is NotFound.
 pub(crate) async fn owned_image(ctx: &Ctx<'_>, id: &str) -> Result<ImageRow, Ec2Error> {
     match ctx.ctl.store.image(&ctx.scope, id).await {
         Ok(img) if img.id == id && (ctx.scope.admin || img.project_id == ctx.scope.project_id) => {
             Ok(img)
         }
+        Ok(img) if img.id == id && img.public => Err(Ec2Error::UnauthorizedOperation(format!(
+            "You are not authorized to perform this operation: image {id} belongs to another project."
+        ))),
         Ok(_) | Err(StoreError::NotFound { .. }) => Err(not_found("image", id)),
         Err(e) => Err(e.into()),
     }

@@ -906,8 +906,25 @@ async fn ec2_projects_see_only_their_own() {
         "InvalidAMIID.NotFound",
     )
     .await;
+    // A public image is visible to bob but not his to change; a private one does not exist for him.
     bob.err(
         &[("Action", "DeregisterImage"), ("ImageId", &img)],
+        403,
+        "UnauthorizedOperation",
+    )
+    .await;
+    bob.err(
+        &[
+            ("Action", "DeregisterImage"),
+            ("ImageId", &img),
+            ("DryRun", "true"),
+        ],
+        403,
+        "UnauthorizedOperation",
+    )
+    .await;
+    bob.err(
+        &[("Action", "DeregisterImage"), ("ImageId", &private)],
         400,
         "InvalidAMIID.NotFound",
     )
