@@ -18,7 +18,7 @@ pub use agent_client::{credential, AgentClient, AgentError};
 pub use error::OpError;
 pub use hosts::HeartbeatResponse;
 pub use instances::DEFAULT_TYPE;
-use kumo_store::{NewEvent, Scope, Store};
+use kumo_store::{NewEvent, Store};
 pub use placement::{Capacity, HostCapacity, SiteCapacity};
 use tokio::sync::Notify;
 
@@ -104,8 +104,4 @@ impl Controller {
         images::remove_stale_temp_files(&self.cfg.image_dir).await;
         Ok(())
     }
-}
-
-pub fn system_scope() -> Scope {
-    Scope::system()
 }

@@ -485,7 +485,7 @@ impl Store {
         }
     }
 
-    /// Mark that the controller has pushed this generation (the agent accepted it).
+    /// Record why the last push to the instance's host failed; shown as `last_error`.
     pub async fn record_push_error(&self, id: &str, error: &str) -> Result<()> {
         sqlx::query("UPDATE instances SET last_error = $2 WHERE id = $1")
             .bind(id)
