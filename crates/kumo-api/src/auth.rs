@@ -121,14 +121,16 @@ async fn handle(st: AppState, req: Request, next: Next, request_id: String) -> R
             return ApiError::invalid("Idempotency-Key must be 1 to 255 characters")
                 .into_response();
         }
+        use kumo_store::IdempotencyClaim;
         match st
             .ctl
             .store
-            .idempotent_response(&caller.key.user_id, k)
+            .claim_idempotency(&caller.key.user_id, k, hash)
             .await
         {
-            Ok(Some(prev)) if &prev.request_hash == hash => return replay(prev),
-            Ok(Some(_)) => {
+            Ok(IdempotencyClaim::Claimed) => {}
+            Ok(IdempotencyClaim::Done(prev)) if &prev.request_hash == hash => return replay(prev),
+            Ok(IdempotencyClaim::Done(_)) => {
                 return ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "IdempotencyKeyReused",
@@ -136,7 +138,14 @@ async fn handle(st: AppState, req: Request, next: Next, request_id: String) -> R
                 )
                 .into_response()
             }
-            Ok(None) => {}
+            Ok(IdempotencyClaim::InProgress) => {
+                return ApiError::new(
+                    StatusCode::CONFLICT,
+                    "IdempotencyKeyInProgress",
+                    "a request with this Idempotency-Key is still running; retry shortly",
+                )
+                .into_response()
+            }
             Err(e) => return ApiError::from(e).into_response(),
         }
     }
@@ -148,6 +157,18 @@ async fn handle(st: AppState, req: Request, next: Next, request_id: String) -> R
     let resp = match (&idem_key, &request_hash) {
         (Some(k), Some(hash)) if !resp.status().is_server_error() => {
             save_idempotent(&st, &caller, k, hash, resp).await
+        }
+        (Some(k), Some(_)) => {
+            // A server error is not an answer to remember: a retry may run again.
+            if let Err(e) = st
+                .ctl
+                .store
+                .release_idempotency(&caller.key.user_id, k)
+                .await
+            {
+                tracing::warn!(error = %e, "could not release an idempotency key");
+            }
+            resp
         }
         _ => resp,
     };
@@ -274,7 +295,7 @@ async fn save_idempotent(
     if let Err(e) = st
         .ctl
         .store
-        .save_idempotent_response(&caller.key.user_id, key, &rec)
+        .finish_idempotency(&caller.key.user_id, key, &rec)
         .await
     {
         tracing::warn!(error = %e, "could not record idempotent response");

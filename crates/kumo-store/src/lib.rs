@@ -26,7 +26,7 @@ pub use ec2::TagRow;
 pub use hosts::{host_transition_allowed, HostRow, HostUsage, JoinToken};
 pub use images::{ImageRow, NewImage};
 pub use instances::{InstanceRow, LaunchExtras, NetworkRow, NewInstance, Observation};
-pub use ops::{EventRow, IdempotentResponse, NewEvent, OperationRow};
+pub use ops::{EventRow, IdempotencyClaim, IdempotentResponse, NewEvent, OperationRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -43,7 +43,7 @@ pub struct NewEvent {
     pub detail: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct IdempotentResponse {
     pub request_hash: String,
     pub status: u16,
@@ -257,6 +257,95 @@ impl Store {
         .bind(now_str())
         .execute(&self.pool)
         .await?;
+        Ok(())
+    }
+}
+
+/// The outcome of claiming an idempotency key before running a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IdempotencyClaim {
+    /// This request owns the key: run it, then `finish_idempotency` (or release on failure).
+    Claimed,
+    /// The key already has a finished response.
+    Done(IdempotentResponse),
+    /// Another request with this key is running now.
+    InProgress,
+}
+
+/// A claim not finished within this long is taken to be abandoned (its process died).
+const ABANDONED_AFTER_SECS: i64 = 300;
+
+impl Store {
+    /// Claim `key` for this user atomically: exactly one of several concurrent requests with
+    /// the same key gets `Claimed`.
+    pub async fn claim_idempotency(
+        &self,
+        user_id: &str,
+        key: &str,
+        request_hash: &str,
+    ) -> Result<IdempotencyClaim> {
+        let now = chrono::Utc::now();
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency (user_id, key, request_hash, status, body, created_at) VALUES ($1, $2, $3, 0, '', $4)
+             ON CONFLICT (user_id, key) DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(key)
+        .bind(request_hash)
+        .bind(crate::fmt_time(now))
+        .execute(&self.pool)
+        .await?;
+        if inserted.rows_affected() == 1 {
+            return Ok(IdempotencyClaim::Claimed);
+        }
+        // Take over a claim whose owner died without finishing.
+        let stale = crate::fmt_time(now - chrono::Duration::seconds(ABANDONED_AFTER_SECS));
+        let taken = sqlx::query(
+            "UPDATE idempotency SET request_hash = $3, created_at = $4 WHERE user_id = $1 AND key = $2 AND status = 0 AND created_at < $5",
+        )
+        .bind(user_id)
+        .bind(key)
+        .bind(request_hash)
+        .bind(crate::fmt_time(now))
+        .bind(stale)
+        .execute(&self.pool)
+        .await?;
+        if taken.rows_affected() == 1 {
+            return Ok(IdempotencyClaim::Claimed);
+        }
+        match self.idempotent_response(user_id, key).await? {
+            Some(r) if r.status == 0 => Ok(IdempotencyClaim::InProgress),
+            Some(r) => Ok(IdempotencyClaim::Done(r)),
+            None => Ok(IdempotencyClaim::InProgress),
+        }
+    }
+
+    /// Record the response of a claimed request.
+    pub async fn finish_idempotency(
+        &self,
+        user_id: &str,
+        key: &str,
+        resp: &IdempotentResponse,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE idempotency SET status = $3, body = $4 WHERE user_id = $1 AND key = $2",
+        )
+        .bind(user_id)
+        .bind(key)
+        .bind(i64::from(resp.status))
+        .bind(&resp.body)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Give a claim back (the request failed on the server side): a retry may run again.
+    pub async fn release_idempotency(&self, user_id: &str, key: &str) -> Result<()> {
+        sqlx::query("DELETE FROM idempotency WHERE user_id = $1 AND key = $2 AND status = 0")
+            .bind(user_id)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 }

@@ -349,3 +349,45 @@ async fn host_labels_are_checked_and_kept() {
     s.host_heartbeat(&h.id, "http://x", &i).await.expect("beat");
     assert_eq!(s.host("h1").await.expect("h1").labels.len(), 2);
 }
+
+#[tokio::test]
+async fn idempotency_keys_are_claimed_once() {
+    let (s, b) = setup().await;
+    let u = &b.user_id;
+    assert_eq!(
+        s.claim_idempotency(u, "k", "h1").await.expect("claim"),
+        IdempotencyClaim::Claimed
+    );
+    // A second request while the first runs: refused, whatever its body.
+    assert_eq!(
+        s.claim_idempotency(u, "k", "h1").await.expect("claim"),
+        IdempotencyClaim::InProgress
+    );
+    let done = IdempotentResponse {
+        request_hash: "h1".into(),
+        status: 201,
+        body: "{}".into(),
+    };
+    s.finish_idempotency(u, "k", &done).await.expect("finish");
+    assert_eq!(
+        s.claim_idempotency(u, "k", "h1").await.expect("claim"),
+        IdempotencyClaim::Done(done)
+    );
+    // A released claim (server error) lets a retry run.
+    assert_eq!(
+        s.claim_idempotency(u, "k2", "h").await.expect("claim"),
+        IdempotencyClaim::Claimed
+    );
+    s.release_idempotency(u, "k2").await.expect("release");
+    assert_eq!(
+        s.claim_idempotency(u, "k2", "h").await.expect("claim"),
+        IdempotencyClaim::Claimed
+    );
+    // Another user's key of the same name is separate.
+    assert_eq!(
+        s.claim_idempotency("someone-else", "k", "h9")
+            .await
+            .expect("claim"),
+        IdempotencyClaim::Claimed
+    );
+}

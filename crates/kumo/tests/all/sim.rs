@@ -595,6 +595,34 @@ async fn idempotent_create() {
     let cloud = Cloud::start(Hv::Sim).await;
     let c = &cloud.client;
     let img = tiny_image(&cloud, "tiny", false).await;
+    // Concurrent requests with one key: exactly one runs; the others are told it is running
+    // or get its answer.
+    let burst = create_req("burst", &img, "t1.nano");
+    let results =
+        futures::future::join_all((0..6).map(|_| c.create_instance(&burst, Some("key-burst"))))
+            .await;
+    let mut ids = std::collections::BTreeSet::new();
+    for r in results {
+        match r {
+            Ok(i) => {
+                ids.insert(i.id);
+            }
+            Err(kumo_cli::ClientError::Api {
+                status: 409, code, ..
+            }) if code == "IdempotencyKeyInProgress" => {}
+            Err(e) => panic!("unexpected answer to a concurrent retry: {e}"),
+        }
+    }
+    assert_eq!(ids.len(), 1, "one instance for one key: {ids:?}");
+    let burst_instances = c
+        .instances()
+        .await
+        .expect("list")
+        .into_iter()
+        .filter(|i| i.name == "burst")
+        .count();
+    assert_eq!(burst_instances, 1);
+
     let req = create_req("once", &img, "t1.nano");
     let first = c.create_instance(&req, Some("key1")).await.expect("first");
     let second = c.create_instance(&req, Some("key1")).await.expect("replay");
@@ -624,7 +652,7 @@ async fn idempotent_create() {
     let (status, code, _) = api_err(c.create_instance(&req, Some("key2")).await);
     assert_eq!((status, code.as_str()), (409, "Conflict"));
     let all = c.instances().await.expect("list");
-    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all.len(), 2, "only 'burst' and 'once': {all:?}");
 
     // The replay is stable: still the first response after the instance changed.
     cloud.wait_state(&first.id, InstanceState::Running, T).await;
@@ -633,5 +661,5 @@ async fn idempotent_create() {
         .await
         .expect("replay after it runs");
     assert_eq!(replay.id, first.id);
-    assert_eq!(c.instances().await.expect("list").len(), 1);
+    assert_eq!(c.instances().await.expect("list").len(), 2);
 }
