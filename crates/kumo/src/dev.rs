@@ -17,6 +17,11 @@ pub enum DevCmd {
     },
     /// Print the OpenAPI document of the native API.
     Openapi,
+    /// A test cluster of real hosts on this machine: network namespaces joined by a
+    /// management network, a controller, and one agent per host. Runs until Ctrl-C.
+    Cluster(crate::cluster::ClusterArgs),
+    /// Thousands of simulated hosts in one process, joined to a running controller.
+    SimHosts(crate::simfleet::SimHostsArgs),
 }
 
 pub async fn run(c: DevCmd) -> anyhow::Result<()> {
@@ -30,6 +35,8 @@ pub async fn run(c: DevCmd) -> anyhow::Result<()> {
             println!("{}", kumo_api::openapi_json());
             Ok(())
         }
+        DevCmd::Cluster(a) => crate::cluster::run(a).await,
+        DevCmd::SimHosts(a) => crate::simfleet::run(a).await,
     }
 }
 

@@ -1,8 +1,10 @@
 //! `kumo`: one binary for the controller (`server`), the host agent (`agent`), the all-in-one
 //! cloud (`up`), developer tools (`dev`) and the client commands (`vm`, `image`, `host` ...).
 
+mod cluster;
 mod dev;
 mod server;
+mod simfleet;
 mod up;
 
 use std::path::PathBuf;
