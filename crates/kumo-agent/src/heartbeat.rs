@@ -56,6 +56,7 @@ pub(crate) async fn host_info(hv: &dyn Hypervisor) -> HostInfo {
             .unwrap_or_else(|| "none".into()),
         qemu_version,
         labels: Default::default(),
+        storage_pool: String::new(),
     }
 }
 

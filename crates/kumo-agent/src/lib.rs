@@ -43,6 +43,8 @@ pub struct Config {
     pub capacity: Option<(u32, u64)>,
     /// Operator labels for placement policies (`role=core`, `role=spare` ...).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The storage pool of this host's VM disks (empty: the host's own local pool).
+    pub storage_pool: String,
 }
 
 pub struct Agent {
@@ -103,6 +105,7 @@ pub async fn start(cfg: Config) -> Result<Arc<Agent>, AgentError> {
     };
     let mut info = heartbeat::host_info(hv.as_ref()).await;
     info.labels = cfg.labels.clone();
+    info.storage_pool = cfg.storage_pool.clone();
     if let Some((vcpus, memory_mib)) = cfg.capacity {
         info.vcpus = vcpus;
         info.memory_mib = memory_mib;

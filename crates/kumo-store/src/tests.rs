@@ -10,6 +10,7 @@ fn info() -> HostInfo {
         accel: "tcg".into(),
         qemu_version: "sim".into(),
         labels: Default::default(),
+        storage_pool: String::new(),
     }
 }
 

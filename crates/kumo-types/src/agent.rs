@@ -102,6 +102,10 @@ pub struct HostInfo {
     /// Operator labels of the host (`role=core`, `rack=a` ...).
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The storage pool that holds this host's VM disks. Hosts that name the same pool share
+    /// it; empty means the host's own local pool.
+    #[serde(default)]
+    pub storage_pool: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

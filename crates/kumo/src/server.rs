@@ -75,6 +75,10 @@ pub struct AgentArgs {
     /// A host label KEY=VALUE for placement policies (repeatable), e.g. role=core, role=spare.
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// The storage pool holding this host's VM disks; hosts naming the same pool share it
+    /// (default: a local pool of this host alone).
+    #[arg(long, default_value = "")]
+    pub storage_pool: String,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -195,6 +199,7 @@ pub fn agent_config(a: &AgentArgs) -> kumo_agent::Config {
         stop_timeout: Duration::from_secs(a.stop_timeout),
         capacity: a.capacity,
         labels: a.labels.iter().cloned().collect(),
+        storage_pool: a.storage_pool.clone(),
     }
 }
 

@@ -217,6 +217,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         stop_timeout: 30,
         capacity: None,
         labels: vec![],
+        storage_pool: String::new(),
     };
     let agent = kumo_agent::start(server::agent_config(&aargs)).await?;
     ensure_demo_image(&ctl, &data).await?;
