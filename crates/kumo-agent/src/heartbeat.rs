@@ -57,7 +57,16 @@ pub(crate) async fn host_info(hv: &dyn Hypervisor) -> HostInfo {
         qemu_version,
         labels: Default::default(),
         storage_pool: String::new(),
+        disk_gib: 0,
     }
+}
+
+/// Size of the filesystem holding `dir` (VM disks live there), GiB; 0 if it cannot be read.
+pub(crate) fn disk_gib(dir: &std::path::Path) -> u64 {
+    let _ = std::fs::create_dir_all(dir);
+    nix::sys::statvfs::statvfs(dir)
+        .map(|s| (s.blocks() as u64).saturating_mul(s.fragment_size() as u64) >> 30)
+        .unwrap_or(0)
 }
 
 /// This agent's identity: from its ledger, or by registering with the join token.

@@ -23,6 +23,22 @@ pub fn instance(r: InstanceRow) -> Instance {
         created_at: r.created_at,
         updated_at: r.updated_at,
         terminated_at: r.terminated_at,
+        placement_group_id: r.placement_group_id,
+        requested_site: r.requested_site,
+        constraints: r.constraints,
+    }
+}
+
+pub fn placement_group(r: kumo_store::PlacementGroupRow) -> kumo_types::api::PlacementGroup {
+    kumo_types::api::PlacementGroup {
+        id: r.id,
+        name: r.name,
+        project_id: r.project_id,
+        strategy: r.strategy,
+        max_per_host: r.max_per_host,
+        spread_storage: r.spread_storage,
+        members: r.members,
+        created_at: r.created_at,
     }
 }
 
@@ -63,6 +79,12 @@ pub fn host(r: HostRow, u: Option<&HostUsage>) -> Host {
         instances: u.instances,
         last_heartbeat: r.last_heartbeat,
         labels: r.labels,
+        storage_pool: r.storage_pool,
+        disk_gib: r.disk_gib,
+        used_disk_gib: u.disk_gib,
+        cpu_overcommit: r.cpu_overcommit,
+        memory_overcommit: r.memory_overcommit,
+        reserved_memory_mib: r.reserved_memory_mib,
         created_at: r.created_at,
     }
 }

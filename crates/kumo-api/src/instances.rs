@@ -4,7 +4,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use kumo_types::api::{
-    ConsoleOutput, CreateInstance, ErrorBody, Instance, ListParams, Page, UpdateInstance,
+    ConsoleOutput, CreateInstance, CreateInstanceBatch, ErrorBody, Instance, ListParams, Page,
+    UpdateInstance,
 };
 
 use crate::auth::Caller;
@@ -39,6 +40,30 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<Instance>), ApiError> {
     let row = st.ctl.create_instance(&c.scope(), &req).await?;
     Ok((StatusCode::CREATED, Json(convert::instance(row))))
+}
+
+#[utoipa::path(post, path = "/api/v1/instance-batches", tag = "instances", request_body = CreateInstanceBatch,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first response for the same key")),
+    responses((status = 201, body = Page<Instance>, description = "the instances created, in order"), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody, description = "fewer than min_count fit; none was created")))]
+pub async fn create_batch(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiJson(req): ApiJson<CreateInstanceBatch>,
+) -> Result<(StatusCode, Json<Page<Instance>>), ApiError> {
+    let min = req.min_count.unwrap_or(req.count);
+    let rows = st
+        .ctl
+        .create_instances(&c.scope(), &req.template, req.count, min, |n| {
+            (format!("{}-{n}", req.template.name), Default::default())
+        })
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Page {
+            items: rows.into_iter().map(convert::instance).collect(),
+            next_cursor: None,
+        }),
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/instances/{id}", tag = "instances", params(("id" = String, Path, description = "Instance id or name")),

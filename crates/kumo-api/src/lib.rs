@@ -8,6 +8,7 @@ pub mod error;
 mod images;
 mod instances;
 mod misc;
+mod placement;
 mod streams;
 
 use axum::routing::{delete, get, post, put};
@@ -26,13 +27,13 @@ pub struct AppState {
 #[openapi(
     info(title = "kumo", description = "kumo's native API. Every request is signed with AWS Signature Version 4 (service `kumo`). Errors are `{\"error\": {\"code\", \"message\", \"request_id\"}}`."),
     paths(
-        instances::list, instances::create, instances::show, instances::update, instances::terminate,
+        instances::list, instances::create, instances::create_batch, instances::show, instances::update, instances::terminate,
         instances::start, instances::stop, instances::reboot, instances::console,
         images::list, images::show, images::import, images::upload, images::delete,
-        misc::hosts, misc::host, misc::set_host_state, misc::join_tokens, misc::create_join_token, misc::revoke_join_token, misc::explain_placement, misc::capacity, misc::instance_types, misc::operations, misc::operation, misc::events, misc::whoami,
+        misc::hosts, misc::host, misc::set_host_state, misc::join_tokens, misc::create_join_token, misc::revoke_join_token, placement::explain_placement, placement::capacity, placement::stats, placement::update_host, placement::list_groups, placement::create_group, placement::show_group, placement::delete_group, misc::instance_types, misc::operations, misc::operation, misc::events, misc::whoami,
     ),
     components(schemas(images::ImageWithOperation)),
-    tags((name = "instances"), (name = "images"), (name = "hosts"), (name = "operations"), (name = "events"), (name = "auth"))
+    tags((name = "instances"), (name = "images"), (name = "hosts"), (name = "placement-groups"), (name = "operations"), (name = "events"), (name = "auth"))
 )]
 pub struct ApiDoc;
 
@@ -70,7 +71,20 @@ pub fn router(state: AppState) -> Router {
             get(images::show).delete(images::delete),
         )
         .route("/api/v1/hosts", get(misc::hosts))
-        .route("/api/v1/hosts/{id}", get(misc::host))
+        .route(
+            "/api/v1/hosts/{id}",
+            get(misc::host).patch(placement::update_host),
+        )
+        .route("/api/v1/instance-batches", post(instances::create_batch))
+        .route(
+            "/api/v1/placement-groups",
+            get(placement::list_groups).post(placement::create_group),
+        )
+        .route(
+            "/api/v1/placement-groups/{id}",
+            get(placement::show_group).delete(placement::delete_group),
+        )
+        .route("/api/v1/placement/stats", get(placement::stats))
         .route("/api/v1/hosts/{id}/state", post(misc::set_host_state))
         .route(
             "/api/v1/join-tokens",
@@ -80,8 +94,11 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/join-tokens/{token}",
             delete(misc::revoke_join_token),
         )
-        .route("/api/v1/placement/explain", get(misc::explain_placement))
-        .route("/api/v1/capacity", get(misc::capacity))
+        .route(
+            "/api/v1/placement/explain",
+            get(placement::explain_placement),
+        )
+        .route("/api/v1/capacity", get(placement::capacity))
         .route("/api/v1/instance-types", get(misc::instance_types))
         .route("/api/v1/operations", get(misc::operations))
         .route("/api/v1/operations/{id}", get(misc::operation))

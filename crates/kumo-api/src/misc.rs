@@ -4,15 +4,15 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use kumo_types::api::{
-    CapacityReport, CapacityRow, ErrorBody, Event, ExplainParams, Host, InstanceType, JoinToken,
-    ListParams, Operation, Page, PlacementVerdict, SetHostState, WhoAmI,
+    ErrorBody, Event, Host, InstanceType, JoinToken, ListParams, Operation, Page, SetHostState,
+    WhoAmI,
 };
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::{convert, AppState};
 
-fn admin_only(c: &Caller) -> Result<(), ApiError> {
+pub(crate) fn admin_only(c: &Caller) -> Result<(), ApiError> {
     if c.scope().admin {
         Ok(())
     } else {
@@ -24,20 +24,34 @@ fn admin_only(c: &Caller) -> Result<(), ApiError> {
     }
 }
 
-#[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts", responses((status = 200, body = Page<Host>), (status = 403, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts", params(ListParams), responses((status = 200, body = Page<Host>, description = "by name"), (status = 403, body = ErrorBody)))]
 pub async fn hosts(
     State(st): State<AppState>,
     Extension(c): Extension<Caller>,
+    ApiQuery(q): ApiQuery<ListParams>,
 ) -> Result<Json<Page<Host>>, ApiError> {
     admin_only(&c)?;
-    let usage = st.ctl.store.host_usage().await?;
-    let items = st.ctl.store.hosts().await?.into_iter().map(|h| {
-        let u = usage.get(&h.id);
-        convert::host(h, u)
-    });
+    let (rows, next) = st
+        .ctl
+        .store
+        .hosts_page(q.limit, q.cursor.as_deref())
+        .await?;
+    let p = st.ctl.store.placement().await?;
+    let items = rows
+        .into_iter()
+        .map(|h| {
+            let u = p.host(&h.id).map(|v| kumo_store::HostUsage {
+                vcpus: v.used_vcpus,
+                memory_mib: v.used_memory_mib,
+                instances: v.instances,
+                disk_gib: v.used_disk_gib,
+            });
+            convert::host(h, u.as_ref())
+        })
+        .collect();
     Ok(Json(Page {
-        items: items.collect(),
-        next_cursor: None,
+        items,
+        next_cursor: next,
     }))
 }
 
@@ -186,81 +200,4 @@ pub async fn revoke_join_token(
     admin_only(&c)?;
     st.ctl.revoke_join_token(&token).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[utoipa::path(get, path = "/api/v1/placement/explain", tag = "hosts", params(ExplainParams),
-    responses((status = 200, body = Vec<PlacementVerdict>), (status = 400, body = ErrorBody)))]
-pub async fn explain_placement(
-    State(st): State<AppState>,
-    Extension(c): Extension<Caller>,
-    ApiQuery(q): ApiQuery<ExplainParams>,
-) -> Result<Json<Vec<PlacementVerdict>>, ApiError> {
-    admin_only(&c)?;
-    let ty = q.instance_type.as_deref().unwrap_or("t1.small");
-    let constraints: Vec<String> = q
-        .constraints
-        .as_deref()
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .map(String::from)
-        .collect();
-    let v = st.ctl.explain_placement(ty, q.site, &constraints).await?;
-    Ok(Json(
-        v.into_iter()
-            .map(|v| PlacementVerdict {
-                host_id: v.host_id,
-                host_name: v.host_name,
-                refused: v.refused,
-                score: v.score,
-            })
-            .collect(),
-    ))
-}
-
-#[utoipa::path(get, path = "/api/v1/capacity", tag = "hosts", responses((status = 200, body = CapacityReport), (status = 403, body = ErrorBody)))]
-pub async fn capacity(
-    State(st): State<AppState>,
-    Extension(c): Extension<Caller>,
-) -> Result<Json<CapacityReport>, ApiError> {
-    admin_only(&c)?;
-    let cap = st.ctl.capacity().await?;
-    let hosts = cap
-        .hosts
-        .into_iter()
-        .map(|h| CapacityRow {
-            name: h.host,
-            site: h.site,
-            state: h.state,
-            vcpus: h.vcpus,
-            memory_mib: h.memory_mib,
-            used_vcpus: h.used_vcpus,
-            used_memory_mib: h.used_memory_mib,
-            free_vcpus: h.free_vcpus,
-            free_memory_mib: h.free_memory_mib,
-        })
-        .collect();
-    let sites = cap
-        .sites
-        .into_iter()
-        .map(|s| CapacityRow {
-            name: s.site.clone(),
-            site: s.site,
-            state: format!("{} hosts", s.hosts),
-            vcpus: s.vcpus,
-            memory_mib: s.memory_mib,
-            used_vcpus: s.used_vcpus,
-            used_memory_mib: s.used_memory_mib,
-            free_vcpus: s.free_vcpus,
-            free_memory_mib: s.free_memory_mib,
-        })
-        .collect();
-    Ok(Json(CapacityReport {
-        hosts,
-        sites,
-        n_plus_one: cap.n_plus_one.ok,
-        largest_host: cap.n_plus_one.largest_host,
-        stranded: cap.n_plus_one.stranded,
-    }))
 }

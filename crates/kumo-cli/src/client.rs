@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use kumo_sigv4::Credentials;
 use kumo_types::api::{
-    CapacityReport, ConsoleOutput, CreateInstance, ErrorBody, Event, Host, Image, ImportImage,
-    Instance, InstanceType, JoinToken, Operation, Page, PlacementVerdict, SetHostState,
-    UpdateInstance, UploadParams, WhoAmI,
+    CapacityReport, ConsoleOutput, CreateInstance, CreateInstanceBatch, CreatePlacementGroup,
+    ErrorBody, Event, Host, Image, ImportImage, Instance, InstanceType, JoinToken, Operation, Page,
+    PlacementGroup, PlacementStats, PlacementVerdict, SetHostState, UpdateHost, UpdateInstance,
+    UploadParams, WhoAmI,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -331,8 +332,75 @@ impl Client {
             .items)
     }
 
+    /// Every host (all pages).
     pub async fn hosts(&self) -> Result<Vec<Host>, ClientError> {
-        Ok(self.get::<Page<Host>>("/api/v1/hosts").await?.items)
+        self.paged("/api/v1/hosts").await
+    }
+
+    /// Set a host's own overcommit ratios and reserved memory (administrators).
+    pub async fn update_host(&self, id: &str, req: &UpdateHost) -> Result<Host, ClientError> {
+        let v = serde_json::to_value(req).map_err(|e| ClientError::Http(e.to_string()))?;
+        self.request(
+            "PATCH",
+            &format!("/api/v1/hosts/{}", enc(id)),
+            Some(&v),
+            None,
+        )
+        .await
+    }
+
+    /// Create many instances from one template in one step.
+    pub async fn create_instance_batch(
+        &self,
+        req: &CreateInstanceBatch,
+        idempotency_key: Option<&str>,
+    ) -> Result<Vec<Instance>, ClientError> {
+        let v = serde_json::to_value(req).map_err(|e| ClientError::Http(e.to_string()))?;
+        let page: Page<Instance> = self
+            .request(
+                "POST",
+                "/api/v1/instance-batches",
+                Some(&v),
+                idempotency_key,
+            )
+            .await?;
+        Ok(page.items)
+    }
+
+    pub async fn create_placement_group(
+        &self,
+        req: &CreatePlacementGroup,
+    ) -> Result<PlacementGroup, ClientError> {
+        self.post("/api/v1/placement-groups", req).await
+    }
+
+    pub async fn placement_groups(&self) -> Result<Vec<PlacementGroup>, ClientError> {
+        Ok(self
+            .get::<Page<PlacementGroup>>("/api/v1/placement-groups")
+            .await?
+            .items)
+    }
+
+    pub async fn delete_placement_group(&self, id: &str) -> Result<(), ClientError> {
+        self.delete_no_content(&format!("/api/v1/placement-groups/{}", enc(id)))
+            .await
+    }
+
+    pub async fn placement_stats(&self) -> Result<PlacementStats, ClientError> {
+        self.get("/api/v1/placement/stats").await
+    }
+
+    /// DELETE answered by 204 No Content.
+    async fn delete_no_content(&self, path: &str) -> Result<(), ClientError> {
+        match self
+            .request::<serde_json::Value>("DELETE", path, None, None)
+            .await
+        {
+            Ok(_) => Ok(()),
+            // 204 has no body.
+            Err(ClientError::Http(m)) if m.contains("EOF while parsing") => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn host(&self, id: &str) -> Result<Host, ClientError> {
@@ -362,20 +430,8 @@ impl Client {
     }
 
     pub async fn revoke_join_token(&self, token: &str) -> Result<(), ClientError> {
-        match self
-            .request::<serde_json::Value>(
-                "DELETE",
-                &format!("/api/v1/join-tokens/{}", enc(token)),
-                None,
-                None,
-            )
+        self.delete_no_content(&format!("/api/v1/join-tokens/{}", enc(token)))
             .await
-        {
-            Ok(_) => Ok(()),
-            // 204 has no body.
-            Err(ClientError::Http(m)) if m.contains("EOF while parsing") => Ok(()),
-            Err(e) => Err(e),
-        }
     }
 
     pub async fn explain_placement(
@@ -383,6 +439,7 @@ impl Client {
         instance_type: &str,
         site: Option<&str>,
         constraints: &[String],
+        placement_group: Option<&str>,
     ) -> Result<Vec<PlacementVerdict>, ClientError> {
         let mut q = format!(
             "/api/v1/placement/explain?instance_type={}",
@@ -393,6 +450,9 @@ impl Client {
         }
         if !constraints.is_empty() {
             q.push_str(&format!("&constraints={}", enc(&constraints.join(","))));
+        }
+        if let Some(g) = placement_group {
+            q.push_str(&format!("&placement_group={}", enc(g)));
         }
         self.get(&q).await
     }

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use indicatif::{ProgressBar, ProgressStyle};
-use kumo_types::api::{CreateInstance, ImportImage, Instance, UploadParams};
+use kumo_types::api::{
+    CreateInstance, CreateInstanceBatch, ImportImage, Instance, UpdateHost, UploadParams,
+};
 use kumo_types::InstanceState;
 use serde::Serialize;
 
@@ -37,6 +39,12 @@ pub enum VmCmd {
         /// A host label it needs (role=core) or avoids (role!=personal); repeatable.
         #[arg(long = "constraint")]
         constraints: Vec<String>,
+        /// Join this spread placement group (see `kumo placement-group`).
+        #[arg(long)]
+        placement_group: Option<String>,
+        /// Create this many (named NAME-0, NAME-1 ...), placed in one step: all or none.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
         /// Wait until it is running.
         #[arg(long)]
         wait: bool,
@@ -100,6 +108,9 @@ pub enum VmCmd {
         /// A host label it needs (role=core) or avoids (role!=personal); repeatable.
         #[arg(long = "constraint")]
         constraints: Vec<String>,
+        /// As a member of this spread placement group.
+        #[arg(long)]
+        placement_group: Option<String>,
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
@@ -179,6 +190,19 @@ pub enum TokenCmd {
 pub enum HostCmd {
     /// Set a host up, maintenance (no new instances) or draining.
     SetState { id: String, state: String },
+    /// Set a host's own overcommit ratios and reserved memory (others keep their value).
+    Set {
+        id: String,
+        /// Virtual CPUs per physical CPU (default: the cluster's, 4).
+        #[arg(long)]
+        cpu_overcommit: Option<f64>,
+        /// Guest memory per MiB of host memory (default: the cluster's, 1).
+        #[arg(long)]
+        memory_overcommit: Option<f64>,
+        /// Host memory kept for the host itself, MiB (default: the cluster's, 512).
+        #[arg(long)]
+        reserved_memory: Option<u64>,
+    },
     /// Used, reserved and free capacity per host and site, and whether the cluster survives
     /// losing its largest host (N+1).
     Capacity {
@@ -200,7 +224,49 @@ pub enum HostCmd {
     },
 }
 
-fn print_json<T: Serialize>(v: &T) -> Result<(), ClientError> {
+fn or_cluster<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map(|v| v.to_string())
+        .unwrap_or_else(|| "(cluster default)".into())
+}
+
+async fn create_batch(
+    client: &Client,
+    template: CreateInstance,
+    count: u32,
+    wait: bool,
+    idempotency_key: Option<String>,
+    output: Output,
+) -> Result<(), ClientError> {
+    let req = CreateInstanceBatch {
+        template,
+        count,
+        min_count: None,
+    };
+    let mut list = client
+        .create_instance_batch(&req, idempotency_key.as_deref())
+        .await?;
+    if wait {
+        let long = Duration::from_secs(300);
+        for i in list.iter_mut() {
+            *i = wait_for(client, &i.id, InstanceState::Running, long).await?;
+        }
+    }
+    if output == Output::Json {
+        return print_json(&list);
+    }
+    for i in list {
+        println!(
+            "{} {} ({}, {})",
+            i.id,
+            i.name,
+            i.state,
+            i.private_ip.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn print_json<T: Serialize>(v: &T) -> Result<(), ClientError> {
     println!(
         "{}",
         serde_json::to_string_pretty(v).map_err(|e| ClientError::Failed(e.to_string()))?
@@ -208,7 +274,7 @@ fn print_json<T: Serialize>(v: &T) -> Result<(), ClientError> {
     Ok(())
 }
 
-fn table(header: &[&str]) -> Table {
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_BORDERS_ONLY).set_header(header.to_vec());
     t
@@ -299,6 +365,8 @@ impl VmCmd {
                 instance_type,
                 site,
                 constraints,
+                placement_group,
+                count,
                 wait,
                 idempotency_key,
                 output,
@@ -309,7 +377,11 @@ impl VmCmd {
                     instance_type: Some(instance_type),
                     site,
                     constraints,
+                    placement_group,
                 };
+                if count != 1 {
+                    return create_batch(client, req, count, wait, idempotency_key, output).await;
+                }
                 let mut i = client
                     .create_instance(&req, idempotency_key.as_deref())
                     .await?;
@@ -407,10 +479,16 @@ impl VmCmd {
                 instance_type,
                 site,
                 constraints,
+                placement_group,
                 output,
             } => {
                 let v = client
-                    .explain_placement(&instance_type, site.as_deref(), &constraints)
+                    .explain_placement(
+                        &instance_type,
+                        site.as_deref(),
+                        &constraints,
+                        placement_group.as_deref(),
+                    )
                     .await?;
                 if output == Output::Json {
                     return print_json(&v);
@@ -613,6 +691,30 @@ impl HostCmd {
                 let h = client.set_host_state(&id, &state).await?;
                 println!("{} is {}", h.name, h.state);
             }
+            HostCmd::Set {
+                id,
+                cpu_overcommit,
+                memory_overcommit,
+                reserved_memory,
+            } => {
+                let h = client
+                    .update_host(
+                        &id,
+                        &UpdateHost {
+                            cpu_overcommit,
+                            memory_overcommit,
+                            reserved_memory_mib: reserved_memory,
+                        },
+                    )
+                    .await?;
+                println!(
+                    "{}: cpu overcommit {}, memory overcommit {}, reserved memory {}",
+                    h.name,
+                    or_cluster(h.cpu_overcommit),
+                    or_cluster(h.memory_overcommit),
+                    or_cluster(h.reserved_memory_mib.map(|m| format!("{m} MiB")))
+                );
+            }
             HostCmd::Capacity { output } => {
                 let c = client.capacity().await?;
                 if output == Output::Json {
@@ -625,6 +727,8 @@ impl HostCmd {
                         "state",
                         "vCPUs used/free/total",
                         "memory MiB used/free/total",
+                        "reserved MiB",
+                        "disk GiB used/free/total",
                     ]);
                     for r in rows.iter() {
                         t.add_row(vec![
@@ -636,6 +740,12 @@ impl HostCmd {
                                 "{}/{}/{}",
                                 r.used_memory_mib, r.free_memory_mib, r.memory_mib
                             ),
+                            r.reserved_memory_mib.to_string(),
+                            if r.disk_gib == 0 {
+                                format!("{}/-/-", r.used_disk_gib)
+                            } else {
+                                format!("{}/{}/{}", r.used_disk_gib, r.free_disk_gib, r.disk_gib)
+                            },
                         ]);
                     }
                     println!("{t}");
@@ -717,6 +827,32 @@ impl HostCmd {
                         format!("{} MiB used of {} MiB", h.used_memory_mib, h.memory_mib),
                     ),
                     ("instances", h.instances.to_string()),
+                    (
+                        "disk",
+                        format!("{} GiB used of {} GiB", h.used_disk_gib, h.disk_gib),
+                    ),
+                    (
+                        "storage pool",
+                        if h.storage_pool.is_empty() {
+                            "(local)".into()
+                        } else {
+                            h.storage_pool
+                        },
+                    ),
+                    (
+                        "labels",
+                        h.labels
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ),
+                    ("cpu overcommit", or_cluster(h.cpu_overcommit)),
+                    ("memory overcommit", or_cluster(h.memory_overcommit)),
+                    (
+                        "reserved memory",
+                        or_cluster(h.reserved_memory_mib.map(|m| format!("{m} MiB"))),
+                    ),
                     (
                         "last heartbeat",
                         h.last_heartbeat.map(|t| t.to_rfc3339()).unwrap_or_default(),

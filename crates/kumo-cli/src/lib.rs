@@ -4,11 +4,13 @@
 mod client;
 mod commands;
 mod config;
+mod groups;
 mod streams;
 
 pub use client::{Client, ImageWithOperation};
 pub use commands::{follow_operation, wait_for, HostCmd, ImageCmd, Output, TokenCmd, VmCmd};
 pub use config::{config_path, ClientConfig};
+pub use groups::PlacementGroupCmd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

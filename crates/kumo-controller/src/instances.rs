@@ -1,7 +1,7 @@
 //! Instance operations: validate, write the desired state, wake the reconciler.
 //! They never talk to a host directly (except to read a console).
 
-use kumo_scheduler::{HostView, Request};
+use kumo_scheduler::Request;
 use kumo_store::{InstanceRow, LaunchExtras, NewInstance, Scope};
 use kumo_types::api::CreateInstance;
 use kumo_types::InstanceState;
@@ -9,6 +9,8 @@ use kumo_types::InstanceState;
 use crate::{Controller, OpError};
 
 pub const DEFAULT_TYPE: &str = "t1.small";
+/// Instances one request may create.
+pub const MAX_BATCH: u32 = 1000;
 
 impl Controller {
     pub async fn create_instance(
@@ -27,7 +29,28 @@ impl Controller {
         req: &CreateInstance,
         extras: &LaunchExtras,
     ) -> Result<InstanceRow, OpError> {
-        kumo_types::id::validate_name(&req.name).map_err(OpError::Invalid)?;
+        let mut rows = self
+            .create_instances(scope, req, 1, 1, |_| (req.name.clone(), extras.clone()))
+            .await?;
+        rows.pop()
+            .ok_or_else(|| OpError::Internal("no instance was created".into()))
+    }
+
+    /// Create `count` instances from one request in one step: as many as fit, at least `min`,
+    /// or none. `each(n)` names the n-th instance and gives its launch details.
+    pub async fn create_instances(
+        &self,
+        scope: &Scope,
+        req: &CreateInstance,
+        count: u32,
+        min: u32,
+        each: impl Fn(u32) -> (String, LaunchExtras),
+    ) -> Result<Vec<InstanceRow>, OpError> {
+        if !(1..=MAX_BATCH).contains(&count) || min < 1 || min > count {
+            return Err(OpError::Invalid(format!(
+                "count must be 1 to {MAX_BATCH} and min_count 1 to count (got count {count}, min_count {min})"
+            )));
+        }
         let image = self
             .store
             .image(scope, &req.image)
@@ -52,48 +75,50 @@ impl Controller {
             )));
         }
         let type_name = req.instance_type.as_deref().unwrap_or(DEFAULT_TYPE);
-        let itype = self
-            .store
-            .instance_type(type_name)
-            .await
-            .map_err(|e| match e {
-                kumo_store::StoreError::NotFound { .. } => OpError::Invalid(format!(
-                    "instance type {type_name:?} does not exist; see `kumo vm types`"
-                )),
-                other => other.into(),
-            })?;
+        let (request, itype, group) = self
+            .placement_request(
+                scope,
+                type_name,
+                req.site.clone(),
+                &req.constraints,
+                req.placement_group.as_deref(),
+            )
+            .await?;
         let network = self.store.network(&self.cfg.default_network).await?;
         // The root disk is at least as large as the image.
         let image_gib = image.virtual_size.unwrap_or(0).div_ceil(1 << 30);
-        let new = NewInstance {
-            name: req.name.clone(),
-            image_id: image.id.clone(),
-            instance_type: itype.name.clone(),
-            vcpus: itype.vcpus,
-            memory_mib: itype.memory_mib,
-            disk_gib: itype.disk_gib.max(image_gib),
-            network_id: network.id,
-            extras: extras.clone(),
-        };
-        let constraints =
-            kumo_scheduler::parse_constraints(&req.constraints).map_err(OpError::Invalid)?;
+        let disk_gib = itype.disk_gib.max(image_gib);
         let request = Request {
-            vcpus: itype.vcpus,
-            memory_mib: itype.memory_mib,
-            site: req.site.clone(),
-            constraints,
-            allow_spare: false,
+            disk_gib,
+            ..request
         };
-        let policy = self.cfg.policy;
-        let row = self
+        let news: Vec<NewInstance> = (0..count)
+            .map(|n| {
+                let (name, extras) = each(n);
+                NewInstance {
+                    name,
+                    image_id: image.id.clone(),
+                    instance_type: itype.name.clone(),
+                    vcpus: itype.vcpus,
+                    memory_mib: itype.memory_mib,
+                    disk_gib,
+                    network_id: network.id.clone(),
+                    extras,
+                    placement_group: group.clone(),
+                    site: req.site.clone(),
+                    constraints: req.constraints.clone(),
+                }
+            })
+            .collect();
+        let rows = self
             .store
-            .create_instance(scope, &new, |hosts, usage| {
-                let views = crate::placement::host_views(hosts, usage);
-                kumo_scheduler::choose(&views, &request, &policy)
+            .create_instances(scope, &news, min as usize, |p, _| {
+                let g = group.as_ref().map(|g| p.group_view(g));
+                self.decide(p.hosts(), &request, g)
             })
             .await?;
         self.wake();
-        Ok(row)
+        Ok(rows)
     }
 
     pub async fn start_instance(&self, scope: &Scope, id: &str) -> Result<InstanceRow, OpError> {
@@ -183,24 +208,23 @@ impl Controller {
         if current.state == InstanceState::Stopped && current.instance_type != itype.name {
             // The stopped instance keeps its host: the new size must fit there.
             let host_id = current.host_id.clone().unwrap_or_default();
-            let host = self.store.host(&host_id).await?;
-            let usage = self.store.host_usage().await?;
-            let u = usage.get(&host.id).cloned().unwrap_or_default();
-            let view = HostView {
-                id: host.id.clone(),
-                name: host.name.clone(),
-                site: host.site.clone(),
-                state: "up".into(),
-                vcpus: host.vcpus,
-                memory_mib: host.memory_mib,
-                used_vcpus: u.vcpus.saturating_sub(current.vcpus),
-                used_memory_mib: u.memory_mib.saturating_sub(current.memory_mib),
-                // The instance stays where it is: only its size is checked.
-                labels: Default::default(),
-            };
+            let mut view = self
+                .store
+                .placement()
+                .await?
+                .host(&host_id)
+                .cloned()
+                .ok_or_else(|| OpError::Internal(format!("host {host_id} is not known")))?;
+            view.used_vcpus = view.used_vcpus.saturating_sub(current.vcpus);
+            view.used_memory_mib = view.used_memory_mib.saturating_sub(current.memory_mib);
+            view.used_disk_gib = view.used_disk_gib.saturating_sub(current.disk_gib);
+            // The instance stays where it is: only its size is checked.
+            view.state = "up".into();
+            view.labels.clear();
             let req = Request {
                 vcpus: itype.vcpus,
                 memory_mib: itype.memory_mib,
+                disk_gib: current.disk_gib.max(itype.disk_gib),
                 allow_spare: true,
                 ..Request::default()
             };

@@ -17,9 +17,9 @@ use std::time::Duration;
 pub use agent_client::{credential, AgentClient, AgentError};
 pub use error::OpError;
 pub use hosts::HeartbeatResponse;
-pub use instances::DEFAULT_TYPE;
+pub use instances::{DEFAULT_TYPE, MAX_BATCH};
 use kumo_store::{NewEvent, Store};
-pub use placement::{Capacity, HostCapacity, SiteCapacity};
+pub use placement::{Capacity, DecisionStats, HostCapacity, SiteCapacity};
 use tokio::sync::Notify;
 
 #[derive(Debug, Clone)]
@@ -39,6 +39,7 @@ pub struct Controller {
     pub cfg: Arc<Config>,
     agents: AgentClient,
     wake: Arc<Notify>,
+    decisions: Arc<std::sync::Mutex<placement::Decisions>>,
 }
 
 impl Controller {
@@ -48,6 +49,7 @@ impl Controller {
             cfg: Arc::new(cfg),
             agents: AgentClient::new()?,
             wake: Arc::new(Notify::new()),
+            decisions: Default::default(),
         })
     }
 

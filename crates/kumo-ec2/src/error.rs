@@ -52,6 +52,12 @@ pub enum Ec2Error {
     #[error("{0}")]
     InvalidAction(String),
     #[error("{0}")]
+    PlacementGroupUnknown(String),
+    #[error("{0}")]
+    PlacementGroupDuplicate(String),
+    #[error("{0}")]
+    PlacementGroupInUse(String),
+    #[error("{0}")]
     UnsupportedOperation(String),
     #[error("{0}")]
     Unavailable(String),
@@ -84,6 +90,9 @@ impl Ec2Error {
             InsufficientInstanceCapacity(_) => "InsufficientInstanceCapacity",
             InstanceLimitExceeded(_) => "InstanceLimitExceeded",
             InvalidAction(_) => "InvalidAction",
+            PlacementGroupUnknown(_) => "InvalidPlacementGroup.Unknown",
+            PlacementGroupDuplicate(_) => "InvalidPlacementGroup.Duplicate",
+            PlacementGroupInUse(_) => "InvalidPlacementGroup.InUse",
             UnsupportedOperation(_) => "UnsupportedOperation",
             Unavailable(_) => "Unavailable",
             Internal(_) => "InternalError",

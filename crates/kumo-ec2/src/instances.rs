@@ -4,8 +4,7 @@ use std::collections::HashSet;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use kumo_controller::OpError;
-use kumo_store::{IdempotentResponse, InstanceRow, LaunchExtras, StoreError};
+use kumo_store::{IdempotentResponse, InstanceRow, LaunchExtras, Scope, StoreError};
 use kumo_types::api::CreateInstance;
 use kumo_types::id::{is_id, IdKind};
 use kumo_types::InstanceState;
@@ -155,8 +154,18 @@ fn required_ids(p: &mut Params) -> Result<Vec<String>, Ec2Error> {
 /// Sites, images and tags for rendering `rows`.
 pub(crate) async fn lookups(ctx: &Ctx<'_>, rows: &[InstanceRow]) -> Result<Lookups, Ec2Error> {
     let mut l = Lookups::default();
-    for h in ctx.ctl.store.hosts().await? {
-        l.sites.insert(h.id.clone(), h.site.clone());
+    {
+        let p = ctx.ctl.store.placement().await?;
+        for host in rows.iter().filter_map(|r| r.host_id.as_deref()) {
+            if let Some(h) = p.host(host) {
+                l.sites.insert(h.id.clone(), h.site.clone());
+            }
+        }
+    }
+    if rows.iter().any(|r| r.placement_group_id.is_some()) {
+        for g in ctx.ctl.store.placement_groups(&Scope::system()).await? {
+            l.groups.insert(g.id, g.name);
+        }
     }
     for i in rows {
         if !l.images.contains_key(&i.image_id) {
@@ -319,6 +328,7 @@ pub async fn run(ctx: &Ctx<'_>, mut p: Params) -> Result<String, Ec2Error> {
     let kernel = p.string("KernelId");
     let ramdisk = p.string("RamdiskId");
     let zone = p.string("Placement.AvailabilityZone");
+    let group = p.string("Placement.GroupName");
     if let Some(t) = p.string("Placement.Tenancy") {
         if t != "default" {
             return Err(Ec2Error::UnsupportedOperation(format!(
@@ -352,7 +362,6 @@ pub async fn run(ctx: &Ctx<'_>, mut p: Params) -> Result<String, Ec2Error> {
             "LaunchTemplate",
             "Ipv6Address",
             "Ipv6AddressCount",
-            "Placement.GroupName",
         ],
     )?;
     let dry = p.dry_run()?;
@@ -423,9 +432,23 @@ pub async fn run(ctx: &Ctx<'_>, mut p: Params) -> Result<String, Ec2Error> {
         }
         Err(e) => return Err(e.into()),
     }
+    if let Some(g) = &group {
+        match ctx.ctl.store.placement_group(&ctx.scope, g).await {
+            Ok(pg) if &pg.name == g => {}
+            Ok(_) | Err(StoreError::NotFound { .. }) => {
+                return Err(Ec2Error::PlacementGroupUnknown(format!(
+                    "The Placement Group '{g}' is unknown."
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     if let Some(z) = &zone {
-        let hosts = ctx.ctl.store.hosts().await?;
-        if !hosts.iter().any(|h| &h.site == z) {
+        let known = {
+            let p = ctx.ctl.store.placement().await?;
+            p.hosts().iter().any(|h| &h.site == z)
+        };
+        if !known {
             return Err(Ec2Error::InvalidParameterValue(format!(
                 "Invalid availability zone: [{z}]"
             )));
@@ -471,68 +494,45 @@ pub async fn run(ctx: &Ctx<'_>, mut p: Params) -> Result<String, Ec2Error> {
             room.max(0)
         )));
     }
-    let count = max.min(room);
+    let count = max.min(room).min(i64::from(kumo_controller::MAX_BATCH));
+    if count < min {
+        return Err(Ec2Error::InvalidParameterValue(format!(
+            "MinCount ({min}) is above the {} instances one request may launch",
+            kumo_controller::MAX_BATCH
+        )));
+    }
     let rid = format!("r-{}", random_hex(17));
     let base = tags
         .iter()
         .find(|(k, _)| k == "Name")
         .map(|(_, v)| v.clone());
-    let mut created: Vec<InstanceRow> = Vec::new();
-    let mut failure: Option<Ec2Error> = None;
+    let mut names = Vec::with_capacity(count as usize);
     for n in 0..count {
-        let launch_index = u32::try_from(n).unwrap_or(u32::MAX);
-        let name = pick_name(ctx, base.as_deref(), count > 1, n).await?;
+        names.push(pick_name(ctx, base.as_deref(), count > 1, n).await?);
+    }
+    let req = CreateInstance {
+        name: names.first().cloned().unwrap_or_default(),
+        image: image.id.clone(),
+        instance_type: Some(itype.clone()),
+        site: zone.clone(),
+        constraints: vec![],
+        placement_group: group.clone(),
+    };
+    let launch = |n: u32| {
         let extras = LaunchExtras {
             user_data: user_data.clone(),
             reservation_id: Some(rid.clone()),
-            launch_index,
+            launch_index: n,
             client_token: client_token.clone(),
         };
-        let mut req = CreateInstance {
-            name,
-            image: image.id.clone(),
-            instance_type: Some(itype.clone()),
-            site: zone.clone(),
-            constraints: vec![],
-        };
-        let mut res = ctx
-            .ctl
-            .create_instance_with(&ctx.scope, &req, &extras)
-            .await;
-        if let Err(OpError::Conflict(_)) = res {
-            // The name was taken meanwhile.
-            req.name = format!("ec2-{}", random_hex(8));
-            res = ctx
-                .ctl
-                .create_instance_with(&ctx.scope, &req, &extras)
-                .await;
-        }
-        match res {
-            Ok(row) => created.push(row),
-            Err(OpError::NoCapacity(m)) if (created.len() as i64) >= min => {
-                tracing::info!(
-                    reservation = rid,
-                    created = created.len(),
-                    reason = m,
-                    "RunInstances launched fewer than MaxCount"
-                );
-                break;
-            }
-            Err(e) => {
-                failure = Some(Ec2Error::from_op(e));
-                break;
-            }
-        }
-    }
-    if let Some(err) = failure {
-        // Fewer than MinCount (or a failure): none of this reservation stays.
-        for row in &created {
-            if let Err(e) = ctx.ctl.terminate_instance(&ctx.scope, &row.id).await {
-                tracing::warn!(instance = row.id, error = %e, "could not roll back a launch");
-            }
-        }
-        return Err(err);
-    }
+        (names[n as usize].clone(), extras)
+    };
+    // All or at least MinCount, in one step: nothing to roll back when capacity runs out.
+    let created = ctx
+        .ctl
+        .create_instances(&ctx.scope, &req, count as u32, min as u32, launch)
+        .await
+        .map_err(Ec2Error::from_op)?;
     if !tags.is_empty() {
         let resources: Vec<(String, String)> = created
             .iter()

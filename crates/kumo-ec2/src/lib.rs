@@ -5,6 +5,7 @@
 
 mod error;
 mod filter;
+mod groups;
 mod images;
 mod instances;
 mod misc;
@@ -72,9 +73,6 @@ const NOT_YET: &[&str] = &[
     "CreateSubnet",
     "DescribeSubnets",
     "DeleteSubnet",
-    "CreatePlacementGroup",
-    "DescribePlacementGroups",
-    "DeletePlacementGroup",
 ];
 
 /// The actions kumo answers today.
@@ -99,6 +97,9 @@ pub const ACTIONS: &[&str] = &[
     "CreateTags",
     "DeleteTags",
     "DescribeTags",
+    "CreatePlacementGroup",
+    "DescribePlacementGroups",
+    "DeletePlacementGroup",
 ];
 
 /// Actions answered with UnsupportedOperation until their capability lands.
@@ -270,6 +271,9 @@ async fn dispatch(ctx: &Ctx<'_>, action: &str, p: Params) -> Result<String, Ec2E
         "CreateTags" => misc::create_tags(ctx, p).await,
         "DeleteTags" => misc::delete_tags(ctx, p).await,
         "DescribeTags" => misc::describe_tags(ctx, p).await,
+        "CreatePlacementGroup" => groups::create(ctx, p).await,
+        "DescribePlacementGroups" => groups::describe(ctx, p).await,
+        "DeletePlacementGroup" => groups::delete(ctx, p).await,
         a if NOT_YET.contains(&a) => Err(Ec2Error::UnsupportedOperation(format!(
             "The action {a} is not available in kumo yet; it arrives with its capability"
         ))),

@@ -14,6 +14,8 @@ pub const ROOT_DEVICE: &str = "/dev/vda";
 pub struct Lookups {
     /// host id → site (availability zone).
     pub sites: HashMap<String, String>,
+    /// placement group id → name.
+    pub groups: HashMap<String, String>,
     /// image id → image (for kernel and ramdisk ids).
     pub images: HashMap<String, ImageRow>,
     /// resource id → tags.
@@ -90,7 +92,10 @@ pub fn instance(x: &mut Xml, i: &InstanceRow, l: &Lookups, region: &str) {
     x.leaf("launchTime", &ts(i.created_at));
     x.elem("placement", |x| {
         x.leaf("availabilityZone", &l.zone(i));
-        x.empty("groupName");
+        match i.placement_group_id.as_ref().and_then(|g| l.groups.get(g)) {
+            Some(g) => x.leaf("groupName", g),
+            None => x.empty("groupName"),
+        }
         x.leaf("tenancy", "default");
     });
     x.opt("kernelId", l.kernel(i).as_deref());
@@ -210,6 +215,9 @@ mod tests {
             reservation_id: Some("r-0123456789abcdef0".into()),
             launch_index: 0,
             client_token: Some("tok".into()),
+            placement_group_id: None,
+            requested_site: None,
+            constraints: vec![],
         }
     }
 

@@ -1,11 +1,27 @@
-//! Placement as a pure function: every host is either refused with a reason or scored, so a
-//! failed placement explains itself. The store applies the decision atomically.
+//! Placement as a pure function: filters refuse hosts with a reason, a weigher scores the rest,
+//! so a failed placement explains itself. The store applies the decision atomically.
+//!
+//! At scale the scheduler does not score every host: past [`SCORE_ALL_UP_TO`] hosts it walks
+//! them from a random start and stops after [`CANDIDATES`] feasible ones (Nomad's candidate
+//! limit, Kubernetes' `percentageOfNodesToScore`). Decisions stay O(candidates), not O(hosts).
 
-use std::collections::BTreeMap;
+mod capacity;
+mod constraints;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 
 use serde::Serialize;
 
-#[derive(Debug, Clone)]
+pub use capacity::{largest_host, n_plus_one, NPlusOne};
+pub use constraints::{parse_constraints, valid_label_part, Constraint};
+
+/// Clusters up to this many hosts have every host scored.
+pub const SCORE_ALL_UP_TO: usize = 100;
+/// Feasible hosts scored per decision in larger clusters.
+pub const CANDIDATES: usize = 20;
+
+#[derive(Debug, Clone, Default)]
 pub struct HostView {
     pub id: String,
     pub name: String,
@@ -13,83 +29,56 @@ pub struct HostView {
     pub state: String,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Size of the storage the host keeps VM disks on; 0 when the host does not say.
+    pub disk_gib: u64,
     pub used_vcpus: u32,
     pub used_memory_mib: u64,
+    pub used_disk_gib: u64,
+    pub instances: u32,
     /// Operator labels; `role` is the one policies use most (`core`, `personal`, `spare`).
     pub labels: BTreeMap<String, String>,
+    /// The pool holding the host's VM disks; empty: a local pool of this host alone.
+    pub storage_pool: String,
+    /// The operator's per-host settings; `None` falls back to the cluster's policy.
+    pub overrides: HostOverrides,
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct Request {
-    pub vcpus: u32,
-    pub memory_mib: u64,
-    pub site: Option<String>,
-    pub constraints: Vec<Constraint>,
-    /// Failover and evacuation may use spare hosts; ordinary placement may not.
-    pub allow_spare: bool,
-}
-
-/// `key=value` (the host must have it) or `key!=value` (the host must not).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Constraint {
-    pub key: String,
-    pub value: String,
-    pub require: bool,
-}
-
-impl std::fmt::Display for Constraint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}{}{}",
-            self.key,
-            if self.require { "=" } else { "!=" },
-            self.value
-        )
+impl HostView {
+    /// The storage pool as spread groups compare it: hosts naming one pool share it.
+    pub fn pool_key(&self) -> String {
+        if self.storage_pool.is_empty() {
+            format!("local:{}", self.id)
+        } else {
+            self.storage_pool.clone()
+        }
     }
 }
 
-/// Label keys and values: 1–63 of `a-z 0-9 . _ -`, starting with a letter or digit.
-pub fn valid_label_part(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-_".contains(c))
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct HostOverrides {
+    pub cpu_overcommit: Option<f64>,
+    pub memory_overcommit: Option<f64>,
+    pub reserved_memory_mib: Option<u64>,
 }
 
-/// Parse `key=value` / `key!=value` constraints; contradictions are refused.
-pub fn parse_constraints(raw: &[String]) -> Result<Vec<Constraint>, String> {
-    let mut out: Vec<Constraint> = vec![];
-    for r in raw {
-        let (key, value, require) = match r.split_once("!=") {
-            Some((k, v)) => (k, v, false),
-            None => match r.split_once('=') {
-                Some((k, v)) => (k, v, true),
-                None => return Err(format!("constraint {r:?} must be key=value or key!=value")),
-            },
-        };
-        if !valid_label_part(key) || !valid_label_part(value) {
-            return Err(format!(
-                "constraint {r:?}: keys and values are 1-63 of a-z, 0-9, '.', '_', '-'"
-            ));
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Weigher {
+    /// Prefer the emptiest host: fewer VMs share a failure, load is even.
+    Spread,
+    /// Prefer the fullest host that fits: keeps whole hosts free for large VMs and maintenance.
+    Pack,
+}
+
+impl std::str::FromStr for Weigher {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Weigher, String> {
+        match s {
+            "spread" => Ok(Weigher::Spread),
+            "pack" => Ok(Weigher::Pack),
+            _ => Err(format!("placement strategy is spread or pack, not {s:?}")),
         }
-        let c = Constraint {
-            key: key.into(),
-            value: value.into(),
-            require,
-        };
-        for o in &out {
-            let clash = o.key == c.key
-                && ((o.value == c.value && o.require != c.require)
-                    || (o.require && c.require && o.value != c.value));
-            if clash {
-                return Err(format!("constraints {o} and {c} contradict each other"));
-            }
-        }
-        out.push(c);
     }
-    Ok(out)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -100,6 +89,9 @@ pub struct Policy {
     pub memory_overcommit: f64,
     /// Host memory kept for the host itself (agent, QEMU overhead, page cache).
     pub reserved_memory_mib: u64,
+    /// Virtual disk GiB per GiB of host storage (disks are thin qcow2 overlays).
+    pub disk_overcommit: f64,
+    pub weigher: Weigher,
 }
 
 impl Default for Policy {
@@ -108,8 +100,221 @@ impl Default for Policy {
             cpu_overcommit: 4.0,
             memory_overcommit: 1.0,
             reserved_memory_mib: 512,
+            disk_overcommit: 1.0,
+            weigher: Weigher::Spread,
         }
     }
+}
+
+impl Policy {
+    /// This policy with a host's own settings applied.
+    pub fn for_host(&self, h: &HostView) -> Policy {
+        Policy {
+            cpu_overcommit: h.overrides.cpu_overcommit.unwrap_or(self.cpu_overcommit),
+            memory_overcommit: h
+                .overrides
+                .memory_overcommit
+                .unwrap_or(self.memory_overcommit),
+            reserved_memory_mib: h
+                .overrides
+                .reserved_memory_mib
+                .unwrap_or(self.reserved_memory_mib),
+            ..*self
+        }
+    }
+}
+
+/// What a host can hand out in all: (vCPUs, MiB, disk GiB), after overcommit and its reserve.
+pub fn capacity(h: &HostView, p: &Policy) -> (u32, u64, u64) {
+    let p = p.for_host(h);
+    let cpus = (f64::from(h.vcpus) * p.cpu_overcommit).floor() as u32;
+    let mem = ((h.memory_mib.saturating_sub(p.reserved_memory_mib)) as f64 * p.memory_overcommit)
+        .floor() as u64;
+    let disk = (h.disk_gib as f64 * p.disk_overcommit).floor() as u64;
+    (cpus, mem, disk)
+}
+
+/// A spread placement group as the scheduler sees it: where its live members are.
+#[derive(Debug, Clone, Default)]
+pub struct GroupView {
+    pub name: String,
+    /// Members one host may hold (1: strict anti-affinity).
+    pub max_per_host: u32,
+    /// Also keep members on different storage pools (at most `max_per_host` per pool).
+    pub spread_storage: bool,
+    pub per_host: HashMap<String, u32>,
+    pub per_pool: HashMap<String, u32>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub site: Option<String>,
+    pub constraints: Vec<Constraint>,
+    /// Failover and evacuation may use spare hosts; ordinary placement may not.
+    pub allow_spare: bool,
+    pub group: Option<GroupView>,
+}
+
+/// Why a host cannot take an instance. Formatted only when someone reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal<'a> {
+    State(&'a str),
+    Site {
+        has: &'a str,
+        want: &'a str,
+    },
+    Spare,
+    Needs(&'a Constraint, Option<&'a str>),
+    Avoids(&'a Constraint),
+    Never {
+        what: &'static str,
+        need: u64,
+        all: u64,
+    },
+    Full {
+        what: &'static str,
+        need: u64,
+        free: u64,
+        all: u64,
+    },
+    GroupHost {
+        group: &'a str,
+        members: u32,
+        max: u32,
+    },
+    GroupPool {
+        group: &'a str,
+        pool: String,
+        members: u32,
+        max: u32,
+    },
+}
+
+impl fmt::Display for Refusal<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::State(s) => write!(f, "host is {s}"),
+            Refusal::Site { has, want } => write!(f, "host is in site {has}, not {want}"),
+            Refusal::Spare => write!(f, "spare host: kept free for failover and evacuation"),
+            Refusal::Needs(c, Some(v)) => write!(f, "needs {c}, host has {}={v}", c.key),
+            Refusal::Needs(c, None) => write!(f, "needs {c}, host has no {} label", c.key),
+            Refusal::Avoids(c) => write!(f, "avoids {}={}", c.key, c.value),
+            Refusal::Never { what, need, all } => {
+                write!(f, "needs {need} {what}, host has {all} in all")
+            }
+            Refusal::Full {
+                what,
+                need,
+                free,
+                all,
+            } => write!(f, "needs {need} {what}, {free} of {all} {what} free"),
+            Refusal::GroupHost {
+                group,
+                members,
+                max,
+            } => write!(
+                f,
+                "holds {members} member(s) of spread group {group} (at most {max} per host)"
+            ),
+            Refusal::GroupPool {
+                group,
+                pool,
+                members,
+                max,
+            } => write!(
+                f,
+                "storage pool {pool} holds {members} member(s) of spread group {group} (at most {max} per pool)"
+            ),
+        }
+    }
+}
+
+fn fits<'a>(what: &'static str, need: u64, used: u64, all: u64) -> Result<(), Refusal<'a>> {
+    if need > all {
+        return Err(Refusal::Never { what, need, all });
+    }
+    if used + need > all {
+        return Err(Refusal::Full {
+            what,
+            need,
+            free: all.saturating_sub(used),
+            all,
+        });
+    }
+    Ok(())
+}
+
+/// Filters, then the weigher: a score (higher is better) or the first reason to refuse.
+pub fn judge<'a>(h: &'a HostView, r: &'a Request, p: &Policy) -> Result<f64, Refusal<'a>> {
+    if h.state != "up" {
+        return Err(Refusal::State(&h.state));
+    }
+    if let Some(site) = &r.site {
+        if &h.site != site {
+            return Err(Refusal::Site {
+                has: &h.site,
+                want: site,
+            });
+        }
+    }
+    if !r.allow_spare && h.labels.get("role").map(String::as_str) == Some("spare") {
+        return Err(Refusal::Spare);
+    }
+    for c in &r.constraints {
+        let has = h.labels.get(&c.key).map(String::as_str);
+        if c.require && has != Some(c.value.as_str()) {
+            return Err(Refusal::Needs(c, has));
+        }
+        if !c.require && has == Some(c.value.as_str()) {
+            return Err(Refusal::Avoids(c));
+        }
+    }
+    let (cpus, mem, disk) = capacity(h, p);
+    fits(
+        "vCPUs",
+        u64::from(r.vcpus),
+        u64::from(h.used_vcpus),
+        u64::from(cpus),
+    )?;
+    fits("MiB", r.memory_mib, h.used_memory_mib, mem)?;
+    if h.disk_gib > 0 {
+        fits("GiB disk", r.disk_gib, h.used_disk_gib, disk)?;
+    }
+    let mut members = 0;
+    if let Some(g) = &r.group {
+        members = g.per_host.get(&h.id).copied().unwrap_or(0);
+        if members >= g.max_per_host {
+            return Err(Refusal::GroupHost {
+                group: &g.name,
+                members,
+                max: g.max_per_host,
+            });
+        }
+        if g.spread_storage {
+            let pool = h.pool_key();
+            let in_pool = g.per_pool.get(&pool).copied().unwrap_or(0);
+            if in_pool >= g.max_per_host {
+                return Err(Refusal::GroupPool {
+                    group: &g.name,
+                    pool,
+                    members: in_pool,
+                    max: g.max_per_host,
+                });
+            }
+        }
+    }
+    let free_mem = (mem - h.used_memory_mib - r.memory_mib) as f64 / mem.max(1) as f64;
+    let free_cpu = f64::from(cpus - h.used_vcpus - r.vcpus) / f64::from(cpus.max(1));
+    let emptiness = 0.8 * free_mem + 0.2 * free_cpu;
+    let base = match p.weigher {
+        Weigher::Spread => emptiness,
+        Weigher::Pack => 1.0 - emptiness,
+    };
+    // A spread group's members go to the hosts holding the fewest of them first.
+    Ok(base - f64::from(members))
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -122,66 +327,7 @@ pub struct Verdict {
     pub score: Option<f64>,
 }
 
-pub fn capacity(h: &HostView, p: &Policy) -> (u32, u64) {
-    let cpus = (f64::from(h.vcpus) * p.cpu_overcommit).floor() as u32;
-    let mem = ((h.memory_mib.saturating_sub(p.reserved_memory_mib)) as f64 * p.memory_overcommit)
-        .floor() as u64;
-    (cpus, mem)
-}
-
-fn judge(h: &HostView, r: &Request, p: &Policy) -> Result<f64, String> {
-    if h.state != "up" {
-        return Err(format!("host is {}", h.state));
-    }
-    if let Some(site) = &r.site {
-        if &h.site != site {
-            return Err(format!("host is in site {}, not {site}", h.site));
-        }
-    }
-    if !r.allow_spare && h.labels.get("role").map(String::as_str) == Some("spare") {
-        return Err("spare host: kept free for failover and evacuation".into());
-    }
-    for c in &r.constraints {
-        let has = h.labels.get(&c.key);
-        if c.require && has != Some(&c.value) {
-            return Err(match has {
-                Some(v) => format!("needs {c}, host has {}={v}", c.key),
-                None => format!("needs {c}, host has no {} label", c.key),
-            });
-        }
-        if !c.require && has == Some(&c.value) {
-            return Err(format!("avoids {}={}", c.key, c.value));
-        }
-    }
-    let (cpus, mem) = capacity(h, p);
-    if r.vcpus > cpus {
-        return Err(format!("needs {} vCPUs, host has {cpus} in all", r.vcpus));
-    }
-    if r.memory_mib > mem {
-        return Err(format!(
-            "needs {} MiB, host has {mem} MiB for guests in all",
-            r.memory_mib
-        ));
-    }
-    if h.used_vcpus + r.vcpus > cpus {
-        return Err(format!(
-            "needs {} vCPUs, {} of {cpus} free",
-            r.vcpus,
-            cpus.saturating_sub(h.used_vcpus)
-        ));
-    }
-    if h.used_memory_mib + r.memory_mib > mem {
-        return Err(format!(
-            "needs {} MiB, {} of {mem} MiB free",
-            r.memory_mib,
-            mem.saturating_sub(h.used_memory_mib)
-        ));
-    }
-    // Spread: prefer the host with the most free memory left afterwards.
-    Ok((mem - h.used_memory_mib - r.memory_mib) as f64 / mem.max(1) as f64)
-}
-
-/// Judge every host. The caller picks the best with [`choose`].
+/// Judge every host (for `explain-placement`). The scheduler itself uses [`choose`].
 pub fn explain(hosts: &[HostView], r: &Request, p: &Policy) -> Vec<Verdict> {
     hosts
         .iter()
@@ -190,266 +336,96 @@ pub fn explain(hosts: &[HostView], r: &Request, p: &Policy) -> Vec<Verdict> {
             Verdict {
                 host_id: h.id.clone(),
                 host_name: h.name.clone(),
-                refused: v.as_ref().err().cloned(),
+                refused: v.as_ref().err().map(ToString::to_string),
                 score: v.ok(),
             }
         })
         .collect()
 }
 
-/// The best host, or an error that lists why each host was refused.
-pub fn choose(hosts: &[HostView], r: &Request, p: &Policy) -> Result<String, String> {
+/// The best host's index, or an error that lists why each host was refused.
+pub fn choose(hosts: &[HostView], r: &Request, p: &Policy) -> Result<usize, String> {
+    let start = if hosts.len() > SCORE_ALL_UP_TO {
+        use std::hash::{BuildHasher, Hasher};
+        // A random start without a dependency: RandomState is seeded per instance.
+        let x = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        (x % hosts.len() as u64) as usize
+    } else {
+        0
+    };
+    choose_from(hosts, r, p, start)
+}
+
+/// [`choose`] walking the hosts from `start` (deterministic, for tests).
+pub fn choose_from(
+    hosts: &[HostView],
+    r: &Request,
+    p: &Policy,
+    start: usize,
+) -> Result<usize, String> {
     if hosts.is_empty() {
         return Err("there are no hosts; start an agent (kumo agent) first".into());
     }
-    let verdicts = explain(hosts, r, p);
-    let best = verdicts
-        .iter()
-        .filter_map(|v| v.score.map(|s| (s, v)))
-        .max_by(|a, b| {
-            a.0.total_cmp(&b.0)
-                .then_with(|| b.1.host_name.cmp(&a.1.host_name))
-        });
-    match best {
-        Some((_, v)) => Ok(v.host_id.clone()),
-        None => Err(verdicts
-            .iter()
-            .map(|v| {
-                format!(
-                    "{}: {}",
-                    v.host_name,
-                    v.refused.as_deref().unwrap_or("refused")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("; ")),
-    }
-}
-
-/// Whether the cluster can lose its largest host and still place every instance that ran
-/// on it (N+1). Greedy, largest instance first, onto the other `up` hosts' free capacity.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct NPlusOne {
-    pub ok: bool,
-    /// The host whose loss was simulated (the one with the most memory).
-    pub largest_host: Option<String>,
-    /// Instances (vCPUs, MiB) of that host that would find no room elsewhere.
-    pub stranded: Vec<(u32, u64)>,
-}
-
-pub fn n_plus_one(
-    hosts: &[HostView],
-    instances_of: impl Fn(&str) -> Vec<(u32, u64)>,
-    p: &Policy,
-) -> NPlusOne {
-    let Some(largest) = hosts
-        .iter()
-        .max_by_key(|h| (h.memory_mib, h.vcpus, std::cmp::Reverse(h.name.clone())))
-    else {
-        return NPlusOne {
-            ok: true,
-            largest_host: None,
-            stranded: vec![],
-        };
+    let limit = if hosts.len() > SCORE_ALL_UP_TO {
+        CANDIDATES
+    } else {
+        usize::MAX
     };
-    let mut others: Vec<HostView> = hosts
-        .iter()
-        .filter(|h| h.id != largest.id && h.state == "up")
-        .cloned()
-        .collect();
-    let mut load = instances_of(&largest.id);
-    load.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
-    let mut stranded = vec![];
-    for (vcpus, mem) in load {
-        // Failover may use spare hosts.
-        let req = Request {
-            vcpus,
-            memory_mib: mem,
-            allow_spare: true,
-            ..Request::default()
-        };
-        match choose(&others, &req, p) {
-            Ok(id) => {
-                if let Some(h) = others.iter_mut().find(|h| h.id == id) {
-                    h.used_vcpus += vcpus;
-                    h.used_memory_mib += mem;
-                }
+    let mut best: Option<(f64, usize)> = None;
+    let mut feasible = 0;
+    for k in 0..hosts.len() {
+        let i = (start + k) % hosts.len();
+        if let Ok(score) = judge(&hosts[i], r, p) {
+            feasible += 1;
+            let better = match best {
+                None => true,
+                Some((s, j)) => score > s || (score == s && hosts[i].name < hosts[j].name),
+            };
+            if better {
+                best = Some((score, i));
             }
-            Err(_) => stranded.push((vcpus, mem)),
+            if feasible >= limit {
+                break;
+            }
         }
     }
-    NPlusOne {
-        ok: stranded.is_empty(),
-        largest_host: Some(largest.name.clone()),
-        stranded,
+    match best {
+        Some((_, i)) => Ok(i),
+        None => Err(refusals(hosts, r, p)),
     }
+}
+
+/// Every host's reason, grouped when many hosts share one (10,000 lines help nobody).
+fn refusals(hosts: &[HostView], r: &Request, p: &Policy) -> String {
+    if hosts.len() <= 20 {
+        return hosts
+            .iter()
+            .filter_map(|h| judge(h, r, p).err().map(|e| format!("{}: {e}", h.name)))
+            .collect::<Vec<_>>()
+            .join("; ");
+    }
+    let mut by_reason: BTreeMap<String, (usize, &str)> = BTreeMap::new();
+    for h in hosts {
+        if let Err(e) = judge(h, r, p) {
+            let e = e.to_string();
+            let entry = by_reason.entry(e).or_insert((0, &h.name));
+            entry.0 += 1;
+        }
+    }
+    by_reason
+        .into_iter()
+        .map(|(reason, (n, example))| {
+            if n == 1 {
+                format!("{example}: {reason}")
+            } else {
+                format!("{n} hosts (e.g. {example}): {reason}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn host(name: &str, vcpus: u32, mem: u64, used_mem: u64) -> HostView {
-        HostView {
-            id: format!("host-{name}"),
-            name: name.into(),
-            site: "s1".into(),
-            state: "up".into(),
-            vcpus,
-            memory_mib: mem,
-            used_vcpus: 0,
-            used_memory_mib: used_mem,
-            labels: BTreeMap::new(),
-        }
-    }
-
-    fn req(vcpus: u32, mem: u64) -> Request {
-        Request {
-            vcpus,
-            memory_mib: mem,
-            ..Request::default()
-        }
-    }
-
-    fn labelled(name: &str, role: &str) -> HostView {
-        let mut h = host(name, 2, 4096, 0);
-        h.labels.insert("role".into(), role.into());
-        h
-    }
-
-    #[test]
-    fn roles_and_spares() {
-        let hosts = [
-            labelled("core1", "core"),
-            labelled("pers1", "personal"),
-            labelled("spare1", "spare"),
-        ];
-        let p = Policy::default();
-        let core = Request {
-            constraints: parse_constraints(&["role=core".into()]).unwrap_or_default(),
-            ..req(1, 128)
-        };
-        assert_eq!(choose(&hosts, &core, &p), Ok("host-core1".into()));
-        let not_personal = Request {
-            constraints: parse_constraints(&["role!=personal".into()]).unwrap_or_default(),
-            ..req(1, 128)
-        };
-        let v = explain(&hosts, &not_personal, &p);
-        assert_eq!(v[1].refused.as_deref(), Some("avoids role=personal"));
-        assert_eq!(
-            v[2].refused.as_deref(),
-            Some("spare host: kept free for failover and evacuation")
-        );
-        // Failover may use the spare.
-        let failover = Request {
-            allow_spare: true,
-            constraints: parse_constraints(&["role=spare".into()]).unwrap_or_default(),
-            ..req(1, 128)
-        };
-        assert_eq!(choose(&hosts, &failover, &p), Ok("host-spare1".into()));
-        let err = choose(
-            &hosts,
-            &Request {
-                constraints: parse_constraints(&["rack=a".into()]).unwrap_or_default(),
-                ..req(1, 128)
-            },
-            &p,
-        )
-        .unwrap_err();
-        assert!(
-            err.contains("needs rack=a, host has no rack label"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn constraints_are_checked() {
-        assert!(parse_constraints(&["role=core".into(), "rack!=b".into()]).is_ok());
-        for bad in [
-            vec!["role"],
-            vec!["Role=core"],
-            vec!["role=co re"],
-            vec!["role=core", "role!=core"],
-            vec!["role=core", "role=personal"],
-            vec!["=x"],
-        ] {
-            let bad: Vec<String> = bad.into_iter().map(String::from).collect();
-            assert!(parse_constraints(&bad).is_err(), "{bad:?}");
-        }
-        assert!(
-            valid_label_part("spare") && !valid_label_part("sp are") && !valid_label_part("-x")
-        );
-    }
-
-    #[test]
-    fn picks_the_emptiest_host() {
-        let hosts = [host("a", 2, 4096, 2048), host("b", 2, 4096, 0)];
-        assert_eq!(
-            choose(&hosts, &req(1, 512), &Policy::default()),
-            Ok("host-b".into())
-        );
-    }
-
-    #[test]
-    fn refusals_name_every_reason() {
-        let mut down = host("c", 2, 8192, 0);
-        down.state = "down".into();
-        let hosts = [host("a", 2, 4096, 3500), down];
-        let err = choose(&hosts, &req(1, 1024), &Policy::default()).unwrap_err();
-        assert!(
-            err.contains("a: needs 1024 MiB, 84 of 3584 MiB free"),
-            "{err}"
-        );
-        assert!(err.contains("c: host is down"), "{err}");
-        let err = choose(&hosts, &req(64, 128), &Policy::default()).unwrap_err();
-        assert!(err.contains("needs 64 vCPUs, host has 8 in all"), "{err}");
-    }
-
-    #[test]
-    fn site_is_a_filter() {
-        let hosts = [host("a", 2, 4096, 0)];
-        let r = Request {
-            site: Some("s2".into()),
-            ..req(1, 128)
-        };
-        let err = choose(&hosts, &r, &Policy::default()).unwrap_err();
-        assert!(err.contains("site s1, not s2"));
-    }
-
-    #[test]
-    fn n_plus_one_moves_the_largest_hosts_load() {
-        let big = HostView {
-            used_memory_mib: 3000,
-            ..host("big", 2, 8192, 0)
-        };
-        let small = host("small", 2, 4096, 0);
-        let load = |id: &str| {
-            if id == "host-big" {
-                vec![(1, 2000), (1, 1000)]
-            } else {
-                vec![]
-            }
-        };
-        let r = n_plus_one(&[big.clone(), small.clone()], load, &Policy::default());
-        assert!(r.ok, "{r:?}");
-        assert_eq!(r.largest_host.as_deref(), Some("big"));
-        // Too much to move: 3 GiB + 2 GiB do not both fit in 3.5 GiB.
-        let heavy = |id: &str| {
-            if id == "host-big" {
-                vec![(1, 3072), (1, 2048)]
-            } else {
-                vec![]
-            }
-        };
-        let r = n_plus_one(&[big, small], heavy, &Policy::default());
-        assert!(!r.ok);
-        assert_eq!(r.stranded, vec![(1, 2048)]);
-    }
-
-    #[test]
-    fn no_hosts_says_what_to_do() {
-        assert!(choose(&[], &req(1, 1), &Policy::default())
-            .unwrap_err()
-            .contains("no hosts"));
-    }
-}
+mod tests;

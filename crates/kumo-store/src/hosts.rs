@@ -25,6 +25,14 @@ pub struct HostRow {
     pub generation: i64,
     pub created_at: DateTime<Utc>,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The pool holding this host's VM disks ("" = its own local pool).
+    pub storage_pool: String,
+    /// Size of the host's VM storage; 0 when the host does not report it.
+    pub disk_gib: u64,
+    /// The operator's settings for this host; `None` means the cluster's policy.
+    pub cpu_overcommit: Option<f64>,
+    pub memory_overcommit: Option<f64>,
+    pub reserved_memory_mib: Option<u64>,
 }
 
 /// What the live instances on a host reserve. Stopped instances keep their reservation:
@@ -34,9 +42,10 @@ pub struct HostUsage {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub instances: u32,
+    pub disk_gib: u64,
 }
 
-const HOST_COLUMNS: &str = "id, name, secret, address, site, state, vcpus, memory_mib, hypervisor, accel, qemu_version, last_heartbeat, generation, created_at, labels";
+const HOST_COLUMNS: &str = "id, name, secret, address, site, state, vcpus, memory_mib, hypervisor, accel, qemu_version, last_heartbeat, generation, created_at, labels, storage_pool, disk_gib, cpu_overcommit, memory_overcommit, reserved_memory_mib";
 
 fn host_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<HostRow> {
     Ok(HostRow {
@@ -60,7 +69,26 @@ fn host_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<HostRow> {
         created_at: parse_time(&r.try_get::<String, _>("created_at")?)?,
         labels: serde_json::from_str(&r.try_get::<String, _>("labels")?)
             .map_err(|_| StoreError::Corrupt("labels"))?,
+        storage_pool: r.try_get("storage_pool")?,
+        disk_gib: u64::try_from(r.try_get::<i64, _>("disk_gib")?)
+            .map_err(|_| StoreError::Corrupt("disk_gib"))?,
+        cpu_overcommit: r.try_get("cpu_overcommit")?,
+        memory_overcommit: r.try_get("memory_overcommit")?,
+        reserved_memory_mib: r
+            .try_get::<Option<i64>, _>("reserved_memory_mib")?
+            .map(|v| v.max(0) as u64),
     })
+}
+
+/// Storage pool names follow the label rules (they are compared, never parsed).
+fn check_pool(pool: &str) -> Result<()> {
+    if pool.is_empty() || valid_label_part(pool) {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "storage pool {pool:?}: 1 to 63 of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
+        )))
+    }
 }
 
 /// Labels are `key=value` with keys and values of 1-63 `a-z 0-9 . _ -`.
@@ -95,11 +123,13 @@ impl Store {
         kumo_types::id::validate_name(name).map_err(StoreError::Invalid)?;
         kumo_types::id::validate_name(site).map_err(StoreError::Invalid)?;
         let labels = check_labels(&info.labels)?;
+        check_pool(&info.storage_pool)?;
         let id = new_id(IdKind::Host);
         let now = now_str();
+        let mut placement = self.placement().await?;
         sqlx::query(
-            "INSERT INTO hosts (id, name, secret, address, site, state, vcpus, memory_mib, hypervisor, accel, qemu_version, last_heartbeat, generation, created_at, labels)
-             VALUES ($1, $2, $3, $4, $5, 'up', $6, $7, $8, $9, $10, $11, 1, $11, $12)",
+            "INSERT INTO hosts (id, name, secret, address, site, state, vcpus, memory_mib, hypervisor, accel, qemu_version, last_heartbeat, generation, created_at, labels, storage_pool, disk_gib)
+             VALUES ($1, $2, $3, $4, $5, 'up', $6, $7, $8, $9, $10, $11, 1, $11, $12, $13, $14)",
         )
         .bind(&id)
         .bind(name)
@@ -113,10 +143,14 @@ impl Store {
         .bind(&info.qemu_version)
         .bind(&now)
         .bind(&labels)
+        .bind(&info.storage_pool)
+        .bind(info.disk_gib as i64)
         .execute(&self.pool)
         .await
         .map_err(|e| unique_conflict(e, format!("a host named {name} is already registered")))?;
-        self.host(&id).await
+        let host = self.host(&id).await?;
+        placement.upsert_host(&host);
+        Ok(host)
     }
 
     pub async fn host(&self, id: &str) -> Result<HostRow> {
@@ -142,38 +176,55 @@ impl Store {
         rows.iter().map(host_from_row).collect()
     }
 
+    /// What the live instances on every host reserve (from placement's state, no scan).
     pub async fn host_usage(&self) -> Result<std::collections::HashMap<String, HostUsage>> {
-        let rows = sqlx::query(
-            "SELECT host_id, SUM(vcpus) AS v, SUM(memory_mib) AS m, COUNT(*) AS n FROM instances
-             WHERE state <> 'terminated' AND host_id IS NOT NULL GROUP BY host_id",
-        )
+        let p = self.placement().await?;
+        Ok(p.hosts()
+            .iter()
+            .map(|h| {
+                (
+                    h.id.clone(),
+                    HostUsage {
+                        vcpus: h.used_vcpus,
+                        memory_mib: h.used_memory_mib,
+                        instances: h.instances,
+                        disk_gib: h.used_disk_gib,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Hosts by name, a page at a time.
+    pub async fn hosts_page(
+        &self,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<HostRow>, Option<String>)> {
+        let limit = crate::clamp_limit(limit);
+        let rows = sqlx::query(&format!(
+            "SELECT {HOST_COLUMNS} FROM hosts WHERE name > $1 ORDER BY name LIMIT $2"
+        ))
+        .bind(cursor.unwrap_or(""))
+        .bind(limit + 1)
         .fetch_all(&self.pool)
         .await?;
-        let mut out = std::collections::HashMap::new();
-        for r in rows {
-            let host: String = r.try_get("host_id")?;
-            out.insert(
-                host,
-                HostUsage {
-                    vcpus: r.try_get::<i64, _>("v")? as u32,
-                    memory_mib: r.try_get::<i64, _>("m")? as u64,
-                    instances: r.try_get::<i64, _>("n")? as u32,
-                },
-            );
-        }
-        Ok(out)
+        let items = rows.iter().map(host_from_row).collect::<Result<Vec<_>>>()?;
+        Ok(crate::page(items, limit, |h| h.name.clone()))
     }
 
     /// Record a heartbeat; a `down` host that reports again comes back `up`.
     pub async fn host_heartbeat(&self, id: &str, address: &str, info: &HostInfo) -> Result<()> {
         let labels = check_labels(&info.labels)?;
-        let done = sqlx::query(
+        check_pool(&info.storage_pool)?;
+        let mut placement = self.placement().await?;
+        let row = sqlx::query(&format!(
             "UPDATE hosts SET address = $2, vcpus = $3, memory_mib = $4, hypervisor = $5, accel = $6,
-                 qemu_version = $7, last_heartbeat = $8, labels = $9,
+                 qemu_version = $7, last_heartbeat = $8, labels = $9, storage_pool = $10, disk_gib = $11,
                  state = CASE WHEN state = 'down' THEN 'up' ELSE state END,
                  generation = generation + 1
-             WHERE id = $1",
-        )
+             WHERE id = $1 RETURNING {HOST_COLUMNS}"
+        ))
         .bind(id)
         .bind(address)
         .bind(i64::from(info.vcpus))
@@ -183,19 +234,23 @@ impl Store {
         .bind(&info.qemu_version)
         .bind(now_str())
         .bind(&labels)
-        .execute(&self.pool)
+        .bind(&info.storage_pool)
+        .bind(info.disk_gib as i64)
+        .fetch_optional(&self.pool)
         .await?;
-        if done.rows_affected() == 0 {
+        let Some(row) = row else {
             return Err(StoreError::NotFound {
                 kind: "host",
                 id: id.to_string(),
             });
-        }
+        };
+        placement.upsert_host(&host_from_row(&row)?);
         Ok(())
     }
 
     /// Mark `up` hosts whose last heartbeat is older than `cutoff` as `down`; returns their ids.
     pub async fn mark_stale_hosts_down(&self, cutoff: DateTime<Utc>) -> Result<Vec<String>> {
+        let mut placement = self.placement().await?;
         let rows: Vec<(String,)> = sqlx::query_as(
             "UPDATE hosts SET state = 'down', generation = generation + 1
              WHERE state = 'up' AND (last_heartbeat IS NULL OR last_heartbeat < $1) RETURNING id",
@@ -203,6 +258,9 @@ impl Store {
         .bind(fmt_time(cutoff))
         .fetch_all(&self.pool)
         .await?;
+        for (id,) in &rows {
+            placement.set_host_state(id, "down");
+        }
         Ok(rows.into_iter().map(|r| r.0).collect())
     }
 }
@@ -244,6 +302,7 @@ impl Store {
                 host.name, host.state
             )));
         }
+        let mut placement = self.placement().await?;
         let done = sqlx::query(
             "UPDATE hosts SET state = $3, generation = generation + 1 WHERE id = $1 AND generation = $2",
         )
@@ -258,7 +317,58 @@ impl Store {
                 host.name
             )));
         }
+        placement.set_host_state(&host.id, to);
         self.host(&host.id).await
+    }
+
+    /// Set (or with `None`, keep) a host's own overcommit ratios and reserved memory.
+    pub async fn set_host_policy(
+        &self,
+        id: &str,
+        cpu_overcommit: Option<f64>,
+        memory_overcommit: Option<f64>,
+        reserved_memory_mib: Option<u64>,
+    ) -> Result<HostRow> {
+        let host = self.host(id).await?;
+        if let Some(c) = cpu_overcommit {
+            if !(c > 0.0 && c <= 64.0) {
+                return Err(StoreError::Invalid(format!(
+                    "cpu overcommit must be above 0 and at most 64, not {c}"
+                )));
+            }
+        }
+        if let Some(m) = memory_overcommit {
+            if !(m > 0.0 && m <= 4.0) {
+                return Err(StoreError::Invalid(format!(
+                    "memory overcommit must be above 0 and at most 4, not {m}"
+                )));
+            }
+        }
+        if let Some(r) = reserved_memory_mib {
+            if r >= host.memory_mib {
+                return Err(StoreError::Invalid(format!(
+                    "reserved memory ({r} MiB) must be less than the host's {} MiB",
+                    host.memory_mib
+                )));
+            }
+        }
+        let mut placement = self.placement().await?;
+        let row = sqlx::query(&format!(
+            "UPDATE hosts SET cpu_overcommit = COALESCE($2, cpu_overcommit),
+                 memory_overcommit = COALESCE($3, memory_overcommit),
+                 reserved_memory_mib = COALESCE($4, reserved_memory_mib),
+                 generation = generation + 1
+             WHERE id = $1 RETURNING {HOST_COLUMNS}"
+        ))
+        .bind(&host.id)
+        .bind(cpu_overcommit)
+        .bind(memory_overcommit)
+        .bind(reserved_memory_mib.map(|r| r as i64))
+        .fetch_one(&self.pool)
+        .await?;
+        let host = host_from_row(&row)?;
+        placement.upsert_host(&host);
+        Ok(host)
     }
 
     pub async fn join_tokens(&self) -> Result<Vec<JoinToken>> {

@@ -7,10 +7,12 @@
 
 mod auth;
 mod ec2;
+mod groups;
 mod hosts;
 mod images;
 mod instances;
 mod ops;
+mod placement;
 mod secrets;
 
 use std::path::Path;
@@ -23,10 +25,12 @@ use sqlx::SqlitePool;
 
 pub use auth::{AccessKey, Bootstrap};
 pub use ec2::TagRow;
+pub use groups::PlacementGroupRow;
 pub use hosts::{host_transition_allowed, HostRow, HostUsage, JoinToken};
 pub use images::{ImageRow, NewImage};
 pub use instances::{InstanceRow, LaunchExtras, NetworkRow, NewInstance, Observation};
 pub use ops::{EventRow, IdempotencyClaim, IdempotentResponse, NewEvent, OperationRow};
+pub use placement::{Placement, PlacementGuard};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -85,9 +89,9 @@ impl Scope {
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
-    /// Serialises capacity reservation in this process so that two creates never both take
-    /// the last slot of a host (SQLite has one writer anyway).
-    placement: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Hosts, usage, groups and addresses for placement, behind the lock that serialises
+    /// capacity reservation: two creates never both take the last slot of a host.
+    placement: std::sync::Arc<tokio::sync::Mutex<placement::Placement>>,
     /// Encrypts access-key secrets at rest (they must stay recoverable for SigV4).
     secrets: secrets::SecretBox,
 }

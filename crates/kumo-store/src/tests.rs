@@ -1,6 +1,7 @@
 use super::*;
 use kumo_types::agent::{HostInfo, ObservedPower};
 use kumo_types::InstanceState;
+use std::collections::HashSet;
 
 fn info() -> HostInfo {
     HostInfo {
@@ -11,6 +12,7 @@ fn info() -> HostInfo {
         qemu_version: "sim".into(),
         labels: Default::default(),
         storage_pool: String::new(),
+        disk_gib: 0,
     }
 }
 
@@ -34,7 +36,18 @@ fn new_instance(name: &str, image: &str, network: &str) -> NewInstance {
         disk_gib: 4,
         network_id: network.into(),
         extras: Default::default(),
+        placement_group: None,
+        site: None,
+        constraints: vec![],
     }
+}
+
+/// Place on this host.
+fn on(p: &Placement, host: &str) -> std::result::Result<usize, String> {
+    p.hosts()
+        .iter()
+        .position(|h| h.id == host)
+        .ok_or_else(|| format!("no host {host}"))
 }
 
 async fn image(s: &Store, scope: &Scope, name: &str) -> ImageRow {
@@ -89,8 +102,8 @@ async fn projects_cannot_see_each_other() {
     let img = image(&s, &admin, "img").await;
     let net = s.network("default").await.expect("net");
     let i = s
-        .create_instance(&admin, &new_instance("vm1", &img.id, &net.id), |_, _| {
-            Ok(host.id.clone())
+        .create_instance(&admin, &new_instance("vm1", &img.id, &net.id), |p, _| {
+            on(p, &host.id)
         })
         .await
         .expect("create");
@@ -135,14 +148,14 @@ async fn addresses_are_unique_and_released() {
     let img = image(&s, &admin, "img").await;
     let net = s.network("default").await.expect("net");
     let a = s
-        .create_instance(&admin, &new_instance("a", &img.id, &net.id), |_, _| {
-            Ok(host.id.clone())
+        .create_instance(&admin, &new_instance("a", &img.id, &net.id), |p, _| {
+            on(p, &host.id)
         })
         .await
         .expect("a");
     let c = s
-        .create_instance(&admin, &new_instance("c", &img.id, &net.id), |_, _| {
-            Ok(host.id.clone())
+        .create_instance(&admin, &new_instance("c", &img.id, &net.id), |p, _| {
+            on(p, &host.id)
         })
         .await
         .expect("c");
@@ -150,8 +163,8 @@ async fn addresses_are_unique_and_released() {
     assert_ne!(a.mac, c.mac);
     assert_eq!(a.private_ip, "10.9.0.10");
     let dup = s
-        .create_instance(&admin, &new_instance("a", &img.id, &net.id), |_, _| {
-            Ok(host.id.clone())
+        .create_instance(&admin, &new_instance("a", &img.id, &net.id), |p, _| {
+            on(p, &host.id)
         })
         .await;
     assert!(matches!(dup, Err(StoreError::Conflict(_))));
@@ -167,12 +180,13 @@ async fn addresses_are_unique_and_released() {
     let a2 = s.instance(&admin, &a.id).await.expect("a");
     assert!(s.instance_absent_on_host(&a2).await.expect("gone"));
     let d = s
-        .create_instance(&admin, &new_instance("d", &img.id, &net.id), |_, _| {
-            Ok(host.id.clone())
+        .create_instance(&admin, &new_instance("d", &img.id, &net.id), |p, _| {
+            on(p, &host.id)
         })
         .await
         .expect("d");
-    assert_eq!(d.private_ip, "10.9.0.10");
+    // Round robin: a released address is not handed out again at once (stale ARP caches).
+    assert_eq!(d.private_ip, "10.9.0.12");
     // Terminated instance ids stay in the store, so they are never reused.
     assert_eq!(
         s.instance(&admin, &a.id).await.expect("kept").state,
@@ -211,8 +225,8 @@ async fn observations_follow_generations() {
     let img = image(&s, &admin, "img").await;
     let net = s.network("default").await.expect("net");
     let i = s
-        .create_instance(&admin, &new_instance("a", &img.id, &net.id), |_, _| {
-            Ok(host.id.clone())
+        .create_instance(&admin, &new_instance("a", &img.id, &net.id), |p, _| {
+            on(p, &host.id)
         })
         .await
         .expect("a");
@@ -266,8 +280,8 @@ async fn images_in_use_cannot_be_deleted() {
         .expect("host");
     let img = image(&s, &admin, "img").await;
     let net = s.network("default").await.expect("net");
-    s.create_instance(&admin, &new_instance("a", &img.id, &net.id), |_, _| {
-        Ok(host.id.clone())
+    s.create_instance(&admin, &new_instance("a", &img.id, &net.id), |p, _| {
+        on(p, &host.id)
     })
     .await
     .expect("a");
@@ -391,4 +405,121 @@ async fn idempotency_keys_are_claimed_once() {
             .expect("claim"),
         IdempotencyClaim::Claimed
     );
+}
+
+#[tokio::test]
+async fn a_full_network_refuses_and_a_release_makes_room() {
+    let (s, b) = setup().await;
+    let admin = b.access_key.scope();
+    let host = s
+        .register_host("h1", "http://x", "site1", &info())
+        .await
+        .expect("host");
+    let img = image(&s, &admin, "img").await;
+    // A /28 has .10 to .14 for instances.
+    let net = s
+        .create_network(&admin.project_id, "small", "10.8.0.0/28")
+        .await
+        .expect("net");
+    let mut ids = vec![];
+    for n in 0..5 {
+        let i = s
+            .create_instance(
+                &admin,
+                &new_instance(&format!("v{n}"), &img.id, &net.id),
+                |p, _| on(p, &host.id),
+            )
+            .await
+            .expect("fits");
+        ids.push(i);
+    }
+    let full = s
+        .create_instance(&admin, &new_instance("v5", &img.id, &net.id), |p, _| {
+            on(p, &host.id)
+        })
+        .await;
+    assert!(
+        matches!(&full, Err(StoreError::NoCapacity(m)) if m.contains("no free address")),
+        "{full:?}"
+    );
+    // Nothing was reserved by the refused create.
+    let h = s
+        .placement()
+        .await
+        .expect("p")
+        .host(&host.id)
+        .cloned()
+        .expect("h");
+    assert_eq!((h.instances, h.used_memory_mib), (5, 5 * 512));
+    let victim = &ids[2];
+    s.update_instance(&admin, &victim.id, |r| {
+        let mut n = r.clone();
+        n.state = InstanceState::ShuttingDown;
+        n.desired = "terminated".into();
+        Ok(Some(n))
+    })
+    .await
+    .expect("terminate");
+    let v = s.instance(&admin, &victim.id).await.expect("v");
+    assert!(s.instance_absent_on_host(&v).await.expect("gone"));
+    let again = s
+        .create_instance(&admin, &new_instance("v5", &img.id, &net.id), |p, _| {
+            on(p, &host.id)
+        })
+        .await
+        .expect("room again");
+    assert_eq!(again.private_ip, victim.private_ip);
+    assert!(s.placement_drift().await.expect("drift").is_empty());
+}
+
+#[tokio::test]
+async fn a_batch_places_as_many_as_fit_or_none() {
+    let (s, b) = setup().await;
+    let admin = b.access_key.scope();
+    // 4096 MiB - 512 reserved: room for seven 512 MiB instances.
+    let host = s
+        .register_host("h1", "http://x", "site1", &info())
+        .await
+        .expect("host");
+    let img = image(&s, &admin, "img").await;
+    let net = s.network("default").await.expect("net");
+    let batch: Vec<NewInstance> = (0..10)
+        .map(|n| new_instance(&format!("b{n}"), &img.id, &net.id))
+        .collect();
+    let place = |p: &Placement, n: &NewInstance| {
+        let h = p.host(&host.id).ok_or("gone")?;
+        if h.used_memory_mib + n.memory_mib > 3584 {
+            return Err("full".to_string());
+        }
+        on(p, &host.id)
+    };
+    // At least 8: impossible, so nothing is created or reserved.
+    let r = s.create_instances(&admin, &batch, 8, place).await;
+    assert!(matches!(r, Err(StoreError::NoCapacity(_))), "{r:?}");
+    assert_eq!(
+        s.instances(&admin, None, None, None)
+            .await
+            .expect("l")
+            .0
+            .len(),
+        0
+    );
+    assert!(s.placement_drift().await.expect("drift").is_empty());
+    let rows = s
+        .create_instances(&admin, &batch, 5, place)
+        .await
+        .expect("some");
+    assert_eq!(rows.len(), 7);
+    let ips: HashSet<&str> = rows.iter().map(|r| r.private_ip.as_str()).collect();
+    assert_eq!(ips.len(), 7);
+    assert!(s.placement_drift().await.expect("drift").is_empty());
+    // Names given twice in one batch are refused up front.
+    let twice = vec![
+        new_instance("x", &img.id, &net.id),
+        new_instance("x", &img.id, &net.id),
+    ];
+    assert!(matches!(
+        s.create_instances(&admin, &twice, 1, place).await,
+        Err(StoreError::Invalid(_))
+    ));
 }

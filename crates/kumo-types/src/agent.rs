@@ -106,6 +106,9 @@ pub struct HostInfo {
     /// it; empty means the host's own local pool.
     #[serde(default)]
     pub storage_pool: String,
+    /// Size of the filesystem holding VM disks, GiB (0: not reported).
+    #[serde(default)]
+    pub disk_gib: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

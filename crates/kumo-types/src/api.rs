@@ -58,7 +58,83 @@ pub struct Host {
     pub last_heartbeat: Option<DateTime<Utc>>,
     /// Operator labels (`role=core`, `role=spare` ...).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The storage pool of the host's VM disks; empty: its own local pool.
+    pub storage_pool: String,
+    /// Size of the host's VM storage, GiB (0: not reported).
+    pub disk_gib: u64,
+    pub used_disk_gib: u64,
+    /// The operator's settings for this host; absent: the cluster's policy applies.
+    pub cpu_overcommit: Option<f64>,
+    pub memory_overcommit: Option<f64>,
+    pub reserved_memory_mib: Option<u64>,
     pub created_at: DateTime<Utc>,
+}
+
+/// A host's own placement settings (administrators). Absent fields keep their value.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct UpdateHost {
+    /// Virtual CPUs per physical CPU on this host (above 0, at most 64).
+    #[serde(default)]
+    pub cpu_overcommit: Option<f64>,
+    /// Guest memory per MiB of host memory (above 0, at most 4).
+    #[serde(default)]
+    pub memory_overcommit: Option<f64>,
+    /// Host memory kept for the host itself.
+    #[serde(default)]
+    pub reserved_memory_mib: Option<u64>,
+}
+
+/// A spread placement group: its members go to different hosts (at most `max_per_host` on
+/// each) and, with `spread_storage`, to different storage pools.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PlacementGroup {
+    pub id: String,
+    pub name: String,
+    pub project_id: String,
+    /// `spread`.
+    pub strategy: String,
+    pub max_per_host: u32,
+    pub spread_storage: bool,
+    /// Live instances in the group.
+    pub members: u32,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatePlacementGroup {
+    pub name: String,
+    /// `spread` (the default).
+    #[serde(default)]
+    pub strategy: Option<String>,
+    /// Members one host may hold (default 1).
+    #[serde(default)]
+    pub max_per_host: Option<u32>,
+    /// Keep members on different storage pools too.
+    #[serde(default)]
+    pub spread_storage: bool,
+}
+
+/// Many instances from one template, placed in one step.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateInstanceBatch {
+    /// Names are `NAME-0`, `NAME-1` ...
+    pub template: CreateInstance,
+    /// How many to create (1–1000).
+    pub count: u32,
+    /// Create at least this many or none (default: `count`).
+    #[serde(default)]
+    pub min_count: Option<u32>,
+}
+
+/// Scheduler decision times (administrators).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PlacementStats {
+    /// Decisions since the controller started.
+    pub decisions: u64,
+    /// Over the last 100,000 decisions, in microseconds.
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -146,6 +222,10 @@ pub struct Instance {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub terminated_at: Option<DateTime<Utc>>,
+    /// What the instance asked of placement.
+    pub placement_group_id: Option<String>,
+    pub requested_site: Option<String>,
+    pub constraints: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -161,6 +241,9 @@ pub struct CreateInstance {
     /// Host labels the instance needs (`role=core`) or avoids (`role!=personal`).
     #[serde(default)]
     pub constraints: Vec<String>,
+    /// A spread placement group (id or name) the instance joins.
+    #[serde(default)]
+    pub placement_group: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -234,6 +317,8 @@ pub struct ExplainParams {
     pub site: Option<String>,
     /// Comma-separated constraints, e.g. `role=core,rack!=b`.
     pub constraints: Option<String>,
+    /// A spread placement group (id or name) the instance would join.
+    pub placement_group: Option<String>,
 }
 
 /// One host's verdict for a placement.
@@ -257,10 +342,17 @@ pub struct CapacityRow {
     /// Schedulable capacity (after overcommit and the host's reserve).
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// 0 when the host does not report its storage.
+    pub disk_gib: u64,
     pub used_vcpus: u32,
     pub used_memory_mib: u64,
+    pub used_disk_gib: u64,
     pub free_vcpus: u32,
     pub free_memory_mib: u64,
+    pub free_disk_gib: u64,
+    /// Host memory kept back for the host itself (hosts only).
+    pub reserved_memory_mib: u64,
+    pub instances: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -15,6 +15,7 @@ pub enum IdKind {
     User,
     Network,
     Request,
+    PlacementGroup,
 }
 
 impl IdKind {
@@ -30,6 +31,7 @@ impl IdKind {
             IdKind::User => "user",
             IdKind::Network => "vpc",
             IdKind::Request => "req",
+            IdKind::PlacementGroup => "pg",
         }
     }
 }

@@ -10,7 +10,7 @@ mod up;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use kumo_cli::{Client, ClientConfig, HostCmd, ImageCmd, VmCmd};
+use kumo_cli::{Client, ClientConfig, HostCmd, ImageCmd, PlacementGroupCmd, VmCmd};
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +43,9 @@ enum Cmd {
     /// Hypervisor hosts (administrators).
     #[command(subcommand)]
     Host(HostCmd),
+    /// Spread placement groups: keep a service's instances on different hosts.
+    #[command(subcommand, name = "placement-group", alias = "pg")]
+    PlacementGroup(PlacementGroupCmd),
     /// Recent events from the journal.
     Events {
         #[arg(long, default_value_t = 50)]
@@ -114,6 +117,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Vm(c) => Ok(c.run(&client()?).await?),
         Cmd::Image(c) => Ok(c.run(&client()?).await?),
         Cmd::Host(c) => Ok(c.run(&client()?).await?),
+        Cmd::PlacementGroup(c) => Ok(c.run(&client()?).await?),
         Cmd::Events { limit } => {
             for e in client()?.events(limit).await? {
                 println!(

@@ -28,6 +28,62 @@ pub struct ServerArgs {
     /// Write the admin credentials and a join token here when the store is first created.
     #[arg(long)]
     pub bootstrap_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+/// The cluster's placement policy; hosts may override the ratios (`kumo host set`).
+#[derive(Args, Debug, Clone)]
+pub struct PolicyArgs {
+    /// `spread` (emptiest host first) or `pack` (fullest host that fits first).
+    #[arg(long, default_value = "spread")]
+    pub placement_strategy: kumo_scheduler::Weigher,
+    /// Virtual CPUs per physical CPU.
+    #[arg(long, default_value_t = 4.0)]
+    pub cpu_overcommit: f64,
+    /// Guest memory per MiB of host memory.
+    #[arg(long, default_value_t = 1.0)]
+    pub memory_overcommit: f64,
+    /// Host memory kept for the host itself, MiB.
+    #[arg(long, default_value_t = 512)]
+    pub reserved_memory: u64,
+    /// Virtual disk GiB per GiB of host storage (disks are thin overlays).
+    #[arg(long, default_value_t = 1.0)]
+    pub disk_overcommit: f64,
+}
+
+impl Default for PolicyArgs {
+    fn default() -> Self {
+        let p = kumo_scheduler::Policy::default();
+        PolicyArgs {
+            placement_strategy: p.weigher,
+            cpu_overcommit: p.cpu_overcommit,
+            memory_overcommit: p.memory_overcommit,
+            reserved_memory: p.reserved_memory_mib,
+            disk_overcommit: p.disk_overcommit,
+        }
+    }
+}
+
+impl PolicyArgs {
+    fn policy(&self) -> anyhow::Result<kumo_scheduler::Policy> {
+        for (name, v) in [
+            ("--cpu-overcommit", self.cpu_overcommit),
+            ("--memory-overcommit", self.memory_overcommit),
+            ("--disk-overcommit", self.disk_overcommit),
+        ] {
+            if !(v > 0.0 && v <= 64.0) {
+                anyhow::bail!("{name} must be above 0 and at most 64, not {v}");
+            }
+        }
+        Ok(kumo_scheduler::Policy {
+            cpu_overcommit: self.cpu_overcommit,
+            memory_overcommit: self.memory_overcommit,
+            reserved_memory_mib: self.reserved_memory,
+            disk_overcommit: self.disk_overcommit,
+            weigher: self.placement_strategy,
+        })
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -123,7 +179,7 @@ pub async fn open_controller(a: &ServerArgs) -> anyhow::Result<Bootstrapped> {
     let cfg = Config {
         image_dir,
         heartbeat_timeout: Duration::from_secs(a.heartbeat_timeout),
-        policy: kumo_scheduler::Policy::default(),
+        policy: a.policy.policy()?,
         default_network: "default".into(),
     };
     let ctl = Controller::new(store, cfg)?;

@@ -174,6 +174,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         heartbeat_timeout: 10,
         default_cidr: "10.77.0.0/24".into(),
         bootstrap_file: None,
+        policy: Default::default(),
     };
     let b = server::open_controller(&sargs).await?;
     let ctl = b.ctl.clone();

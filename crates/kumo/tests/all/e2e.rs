@@ -243,6 +243,7 @@ pub async fn create_vm(cloud: &Cloud, name: &str) -> String {
         instance_type: Some("t1.micro".into()),
         site: None,
         constraints: vec![],
+        placement_group: None,
     };
     let i = cloud
         .client
@@ -657,6 +658,7 @@ async fn concurrent_launches_share_the_image_cache() {
         instance_type: Some("t1.nano".into()),
         site: None,
         constraints: vec![],
+        placement_group: None,
     };
     let c = &cloud.client;
     let (r1, r2, r3) = (req("c1"), req("c2"), req("c3"));

@@ -29,7 +29,7 @@ async fn host_states_placement_capacity_and_join_tokens() {
 
     // Both hosts can take a t1.medium (1024 MiB); host0 scores better (more room left).
     let v = c
-        .explain_placement("t1.medium", None, &[])
+        .explain_placement("t1.medium", None, &[], None)
         .await
         .expect("explain");
     assert_eq!(v.len(), 2);
@@ -39,7 +39,7 @@ async fn host_states_placement_capacity_and_join_tokens() {
     );
     // A t1.large (2048 MiB) does not fit host1 (1536 MiB for guests): the reason is named.
     let v = c
-        .explain_placement("t1.large", None, &[])
+        .explain_placement("t1.large", None, &[], None)
         .await
         .expect("explain");
     let h1 = v.iter().find(|h| h.host_name == "host1").expect("host1");
@@ -51,7 +51,7 @@ async fn host_states_placement_capacity_and_join_tokens() {
     );
     assert!(matches!(
         code(
-            c.explain_placement("no.such", None, &[])
+            c.explain_placement("no.such", None, &[], None)
                 .await
                 .expect_err("bad type")
         ),
@@ -82,7 +82,7 @@ async fn host_states_placement_capacity_and_join_tokens() {
         400
     );
     let v = c
-        .explain_placement("t1.small", None, &[])
+        .explain_placement("t1.small", None, &[], None)
         .await
         .expect("explain");
     assert!(v
@@ -96,6 +96,7 @@ async fn host_states_placement_capacity_and_join_tokens() {
         instance_type: Some("t1.medium".into()),
         site: None,
         constraints: vec![],
+        placement_group: None,
     };
     let a = c.create_instance(&req("a"), None).await.expect("a");
     let host1 = c
@@ -265,6 +266,7 @@ async fn roles_spare_hosts_and_constraints() {
                     instance_type: Some("t1.nano".into()),
                     site: None,
                     constraints: vec![],
+                    placement_group: None,
                 },
                 None,
             )
@@ -277,7 +279,7 @@ async fn roles_spare_hosts_and_constraints() {
         "an instance landed on the spare host"
     );
     let v = c
-        .explain_placement("t1.nano", None, &[])
+        .explain_placement("t1.nano", None, &[], None)
         .await
         .expect("explain");
     assert!(
@@ -296,6 +298,7 @@ async fn roles_spare_hosts_and_constraints() {
                 instance_type: Some("t1.nano".into()),
                 site: None,
                 constraints: vec!["role=core".into()],
+                placement_group: None,
             },
             None,
         )
@@ -310,6 +313,7 @@ async fn roles_spare_hosts_and_constraints() {
                 instance_type: Some("t1.nano".into()),
                 site: None,
                 constraints: vec!["role!=personal".into()],
+                placement_group: None,
             },
             None,
         )
@@ -326,6 +330,7 @@ async fn roles_spare_hosts_and_constraints() {
                 instance_type: Some("t1.nano".into()),
                 site: None,
                 constraints: vec!["role=storage".into()],
+                placement_group: None,
             },
             None,
         )
@@ -358,6 +363,7 @@ async fn roles_spare_hosts_and_constraints() {
                     instance_type: Some("t1.nano".into()),
                     site: None,
                     constraints: bad.iter().map(|s| s.to_string()).collect(),
+                    placement_group: None,
                 },
                 None,
             )

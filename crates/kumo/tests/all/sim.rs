@@ -72,6 +72,7 @@ pub fn create_req(name: &str, image: &str, itype: &str) -> CreateInstance {
         instance_type: Some(itype.into()),
         site: None,
         constraints: vec![],
+        placement_group: None,
     }
 }
 
