@@ -203,7 +203,7 @@ impl fmt::Display for Refusal<'_> {
             Refusal::Needs(c, None) => write!(f, "needs {c}, host has no {} label", c.key),
             Refusal::Avoids(c) => write!(f, "avoids {}={}", c.key, c.value),
             Refusal::Never { what, need, all } => {
-                write!(f, "needs {need} {what}, host has {all} in all")
+                write!(f, "needs {need} {what}, host has {all} {what} in all")
             }
             Refusal::Full {
                 what,
