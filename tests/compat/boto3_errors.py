@@ -271,6 +271,38 @@ def states_and_capacity():
     s.done()
 
 
+def placement_groups():
+    """A spread group on a one-host cloud: one member fits, a second does not; the group
+    cannot be deleted while in use; unknown and duplicate names get EC2's codes."""
+    ami = state["ami"]
+    pg = f"pg-{RUN}"
+    r = c.create_placement_group(GroupName=pg, Strategy="spread")
+    eq(r["PlacementGroup"]["GroupName"], pg, "CreatePlacementGroup's group")
+    check(r["PlacementGroup"]["GroupId"].startswith("pg-"), "group id pg-...")
+    expect_error("InvalidPlacementGroup.Duplicate", c.create_placement_group, GroupName=pg, Strategy="spread", status=400)
+    expect_error("UnsupportedOperation", c.create_placement_group, GroupName=f"cl-{RUN}", Strategy="cluster", status=400)
+    groups = c.describe_placement_groups(GroupNames=[pg])["PlacementGroups"]
+    eq([(g["GroupName"], g["Strategy"], g["State"]) for g in groups], [(pg, "spread", "available")], "DescribePlacementGroups")
+    expect_error("InvalidPlacementGroup.Unknown", c.describe_placement_groups, GroupNames=[f"nope-{RUN}"], status=400)
+    expect_error("InvalidPlacementGroup.Unknown", c.run_instances, ImageId=ami, InstanceType="t1.nano", MinCount=1, MaxCount=1,
+                 Placement={"GroupName": f"nope-{RUN}"}, TagSpecifications=TAGS, status=400)
+    r = c.run_instances(ImageId=ami, InstanceType="t1.nano", MinCount=1, MaxCount=1,
+                        Placement={"GroupName": pg}, TagSpecifications=TAGS)
+    member = r["Instances"][0]["InstanceId"]
+    try:
+        eq(r["Instances"][0]["Placement"].get("GroupName"), pg, "the member's Placement.GroupName")
+        # One host, one member per host: a second member has nowhere to go.
+        expect_error("InsufficientInstanceCapacity", c.run_instances, ImageId=ami, InstanceType="t1.nano", MinCount=1, MaxCount=1,
+                     Placement={"GroupName": pg}, TagSpecifications=TAGS)
+        expect_error("InvalidPlacementGroup.InUse", c.delete_placement_group, GroupName=pg, status=400)
+    finally:
+        c.terminate_instances(InstanceIds=[member])
+    wait(c, "instance_terminated", [member])
+    c.delete_placement_group(GroupName=pg)
+    left = [g["GroupName"] for g in c.describe_placement_groups()["PlacementGroups"]]
+    check(pg not in left, f"{pg} still listed after DeletePlacementGroup: {left}")
+
+
 def unsupported():
     """Actions of capabilities that have not landed: UnsupportedOperation, never a fake success."""
     iid = state["iid"]
@@ -311,9 +343,6 @@ def unsupported():
         (c.create_subnet, dict(VpcId="vpc-0123456789abcdef0", CidrBlock="10.77.1.0/24")),
         (c.describe_subnets, {}),
         (c.delete_subnet, dict(SubnetId="subnet-0123456789abcdef0")),
-        (c.create_placement_group, dict(GroupName=f"pg-{RUN}", Strategy="spread")),
-        (c.describe_placement_groups, {}),
-        (c.delete_placement_group, dict(GroupName=f"pg-{RUN}")),
     ]
     # Parameters of RunInstances that need those capabilities are refused too, not ignored.
     ami = state["ami"]
@@ -343,7 +372,7 @@ def cleanup():
 
 if __name__ == "__main__":
     try:
-        main([setup, not_found_and_malformed, parameters, auth, tenancy, idempotency, dry_run, states_and_capacity, unsupported, cleanup], required=[setup])
+        main([setup, not_found_and_malformed, parameters, auth, tenancy, idempotency, dry_run, states_and_capacity, placement_groups, unsupported, cleanup], required=[setup])
     finally:
         try:
             left = [i["InstanceId"] for i in describe(ec2(retries=3), Filters=run_filter()) if i["State"]["Name"] != "terminated"]
