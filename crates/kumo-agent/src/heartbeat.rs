@@ -65,7 +65,7 @@ pub(crate) async fn host_info(hv: &dyn Hypervisor) -> HostInfo {
 pub(crate) fn disk_gib(dir: &std::path::Path) -> u64 {
     let _ = std::fs::create_dir_all(dir);
     nix::sys::statvfs::statvfs(dir)
-        .map(|s| (s.blocks() as u64).saturating_mul(s.fragment_size() as u64) >> 30)
+        .map(|s| s.blocks().saturating_mul(s.fragment_size()) >> 30)
         .unwrap_or(0)
 }
 

@@ -116,7 +116,10 @@ fn refusals_name_every_reason() {
     );
     assert!(err.contains("c: host is down"), "{err}");
     let err = pick(&hosts, &req(64, 128), &Policy::default()).unwrap_err();
-    assert!(err.contains("needs 64 vCPUs, host has 8 vCPUs in all"), "{err}");
+    assert!(
+        err.contains("needs 64 vCPUs, host has 8 vCPUs in all"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -280,7 +283,10 @@ fn per_host_overcommit_and_reserve() {
     };
     assert_eq!(capacity(&h, &p), (2, 4608, 0));
     let err = pick(&[h.clone()], &req(3, 128), &p).unwrap_err();
-    assert!(err.contains("needs 3 vCPUs, host has 2 vCPUs in all"), "{err}");
+    assert!(
+        err.contains("needs 3 vCPUs, host has 2 vCPUs in all"),
+        "{err}"
+    );
     assert!(pick(&[h], &req(2, 4600), &p).is_ok());
 }
 

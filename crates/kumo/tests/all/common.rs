@@ -276,74 +276,11 @@ impl Cloud {
 
     /// Import the test guest as `demo` (kernel + initrd + disk), public.
     pub async fn demo_image(&self) -> String {
-        let guest = guest_dir().await;
-        let import = |name: &str,
-                      kind: &str,
-                      file: &str,
-                      kernel: Option<String>,
-                      ramdisk: Option<String>,
-                      cmdline: Option<String>| ImportImage {
-            name: name.into(),
-            kind: Some(kind.into()),
-            path: guest.join(file).display().to_string(),
-            format: None,
-            kernel_id: kernel,
-            ramdisk_id: ramdisk,
-            cmdline,
-            public: true,
-        };
-        let k = self
-            .import_wait(&import(
-                "demo-kernel",
-                "kernel",
-                "vmlinux",
-                None,
-                None,
-                None,
-            ))
-            .await;
-        let r = self
-            .import_wait(&import(
-                "demo-initrd",
-                "ramdisk",
-                "initrd.img",
-                None,
-                None,
-                None,
-            ))
-            .await;
-        self.import_wait(&import(
-            "demo",
-            "disk",
-            "disk.qcow2",
-            Some(k),
-            Some(r),
-            Some("console=ttyS0 quiet".into()),
-        ))
-        .await
+        demo_image_with(&self.client).await
     }
 
     pub async fn import_wait(&self, req: &ImportImage) -> String {
-        let started = self.client.import_image(req).await.expect("import");
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let op = self
-                .client
-                .operation(&started.operation.id)
-                .await
-                .expect("op");
-            match op.state.as_str() {
-                "succeeded" => return started.image.id,
-                "failed" => panic!("import of {} failed: {:?}", req.name, op.error),
-                _ => {}
-            }
-            assert!(
-                Instant::now() < deadline,
-                "import of {} did not finish",
-                req.name
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        import_wait_with(&self.client, req).await
     }
 
     /// Poll until the instance is in `want`.
@@ -441,6 +378,69 @@ impl Cloud {
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// Import the test guest as `demo` (kernel + initrd + disk), public, through any client
+/// (e.g. a `kumo_testcluster::Cluster`'s).
+pub async fn demo_image_with(client: &Client) -> String {
+    let guest = guest_dir().await;
+    let import = |name: &str,
+                  kind: &str,
+                  file: &str,
+                  kernel: Option<String>,
+                  ramdisk: Option<String>,
+                  cmdline: Option<String>| ImportImage {
+        name: name.into(),
+        kind: Some(kind.into()),
+        path: guest.join(file).display().to_string(),
+        format: None,
+        kernel_id: kernel,
+        ramdisk_id: ramdisk,
+        cmdline,
+        public: true,
+    };
+    let k = import_wait_with(
+        client,
+        &import("demo-kernel", "kernel", "vmlinux", None, None, None),
+    )
+    .await;
+    let r = import_wait_with(
+        client,
+        &import("demo-initrd", "ramdisk", "initrd.img", None, None, None),
+    )
+    .await;
+    import_wait_with(
+        client,
+        &import(
+            "demo",
+            "disk",
+            "disk.qcow2",
+            Some(k),
+            Some(r),
+            Some("console=ttyS0 quiet".into()),
+        ),
+    )
+    .await
+}
+
+/// Import an image and wait until its operation succeeds.
+pub async fn import_wait_with(client: &Client, req: &ImportImage) -> String {
+    let started = client.import_image(req).await.expect("import");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let op = client.operation(&started.operation.id).await.expect("op");
+        match op.state.as_str() {
+            "succeeded" => return started.image.id,
+            "failed" => panic!("import of {} failed: {:?}", req.name, op.error),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "import of {} did not finish",
+            req.name
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

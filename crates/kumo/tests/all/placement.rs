@@ -131,12 +131,20 @@ async fn spread_groups_batches_and_host_policy() {
         match c.delete_placement_group("web").await {
             Ok(()) => break,
             Err(e) => {
-                assert!(std::time::Instant::now() < deadline, "group never freed: {e}");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "group never freed: {e}"
+                );
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
         }
     }
-    assert!(c.placement_groups().await.expect("groups").iter().all(|g| g.name != "web"));
+    assert!(c
+        .placement_groups()
+        .await
+        .expect("groups")
+        .iter()
+        .all(|g| g.name != "web"));
 
     // Storage spread: host0 and host1 share nfs1, so a strict group with spread_storage
     // fits only two members (one on nfs1, one on host2's own pool).
@@ -167,7 +175,10 @@ async fn spread_groups_batches_and_host_policy() {
             }
         })
         .collect();
-    assert!(pools.contains(&"own") && pools.contains(&"nfs1"), "{pools:?}");
+    assert!(
+        pools.contains(&"own") && pools.contains(&"nfs1"),
+        "{pools:?}"
+    );
     let (_, _, msg) = code(
         c.create_instance(&req("db2", &img, Some("db")), None)
             .await
@@ -245,7 +256,10 @@ async fn spread_groups_batches_and_host_policy() {
         .into_iter()
         .find(|h| h.name == "host2")
         .expect("row");
-    assert_eq!((row.memory_mib, row.vcpus, row.reserved_memory_mib), (192, 64, 8000));
+    assert_eq!(
+        (row.memory_mib, row.vcpus, row.reserved_memory_mib),
+        (192, 64, 8000)
+    );
     let v = c
         .explain_placement("t1.small", None, &[], None)
         .await
@@ -255,7 +269,10 @@ async fn spread_groups_batches_and_host_policy() {
         .find(|h| h.host_name == "host2")
         .and_then(|h| h.refused.clone())
         .unwrap_or_default();
-    assert!(why.contains("needs 512 MiB, host has 192 MiB in all"), "{why}");
+    assert!(
+        why.contains("needs 512 MiB, host has 192 MiB in all"),
+        "{why}"
+    );
     for bad in [
         UpdateHost {
             cpu_overcommit: Some(0.0),
@@ -274,7 +291,10 @@ async fn spread_groups_batches_and_host_policy() {
         assert_eq!(code(e).0, 400);
     }
     // Unchanged by the refused updates.
-    assert_eq!(c.host("host2").await.expect("h").reserved_memory_mib, Some(8000));
+    assert_eq!(
+        c.host("host2").await.expect("h").reserved_memory_mib,
+        Some(8000)
+    );
 
     // What an instance asked of placement is kept.
     let kept = c
@@ -293,5 +313,8 @@ async fn spread_groups_batches_and_host_policy() {
     assert_eq!(again.constraints, ["role!=personal"]);
     let stats = c.placement_stats().await.expect("stats");
     assert!(stats.decisions >= 10, "{stats:?}");
-    assert!(stats.p50_us > 0.0 && stats.p99_us >= stats.p50_us, "{stats:?}");
+    assert!(
+        stats.p50_us > 0.0 && stats.p99_us >= stats.p50_us,
+        "{stats:?}"
+    );
 }
