@@ -3,13 +3,16 @@
 //! prerequisite is a failure, never a skip.
 
 mod api;
+mod cluster;
 mod common;
 mod e2e;
 mod ec2;
 mod ec2compat;
+mod fleet;
 mod hosts;
 mod images;
 mod openapi;
+mod placement;
 mod restart;
 mod sim;
 mod up;
