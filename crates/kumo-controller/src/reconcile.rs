@@ -10,12 +10,18 @@ use kumo_types::agent::{DesiredPower, ImageRef, NetworkDesired, NicDesired, VmDe
 use crate::{Controller, OpError};
 
 const TICK: Duration = Duration::from_secs(1);
+/// Instances pushed per pass.
+const PUSH_PAGE: usize = 500;
 
 impl Controller {
     pub(crate) async fn reconcile_loop(&self) {
         loop {
-            if let Err(e) = self.reconcile_once().await {
-                tracing::warn!(error = %e, "reconcile pass failed");
+            match self.reconcile_once().await {
+                // A full page that made progress: more is waiting (a burst of creates); go
+                // on at once. Failing pushes wait for the tick, so a dead host is no busy loop.
+                Ok((n, ok)) if n >= PUSH_PAGE && ok > 0 => continue,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "reconcile pass failed"),
             }
             tokio::select! {
                 _ = self.wake.notified() => {}
@@ -24,8 +30,9 @@ impl Controller {
         }
     }
 
-    /// One pass; safe to run any number of times.
-    pub async fn reconcile_once(&self) -> Result<(), OpError> {
+    /// One pass; safe to run any number of times. Returns how many instances it pushed and
+    /// how many of those pushes succeeded.
+    pub async fn reconcile_once(&self) -> Result<(usize, usize), OpError> {
         let cutoff = chrono::Utc::now()
             - chrono::Duration::from_std(self.cfg.heartbeat_timeout).unwrap_or_default();
         for id in self.store.mark_stale_hosts_down(cutoff).await? {
@@ -39,16 +46,22 @@ impl Controller {
             )
             .await;
         }
-        let rows = self.store.instances_to_push(500).await?;
-        futures::stream::iter(rows)
-            .for_each_concurrent(16, |row| async move {
-                if let Err(e) = self.push(&row).await {
+        let rows = self.store.instances_to_push(PUSH_PAGE as i64).await?;
+        let n = rows.len();
+        let ok = futures::stream::iter(rows)
+            .map(|row| async move {
+                let r = self.push(&row).await;
+                if let Err(e) = &r {
                     tracing::debug!(instance = %row.id, error = %e, "push failed; will retry");
                     let _ = self.store.record_push_error(&row.id, &e.to_string()).await;
                 }
+                r.is_ok()
             })
+            .buffer_unordered(16)
+            .filter(|pushed| futures::future::ready(*pushed))
+            .count()
             .await;
-        Ok(())
+        Ok((n, ok))
     }
 
     async fn push(&self, row: &InstanceRow) -> Result<(), OpError> {

@@ -372,14 +372,24 @@ impl Store {
 
     /// An instance by id, or by name among the scope's live instances.
     pub async fn instance(&self, scope: &Scope, id_or_name: &str) -> Result<InstanceRow> {
-        let row = sqlx::query(&format!(
-            "SELECT {COLS} FROM instances WHERE (id = $1 OR (name = $1 AND state <> 'terminated'))
-             AND (CAST($2 AS TEXT) IS NULL OR project_id = $2) ORDER BY created_at DESC LIMIT 1"
+        // By id, then by live name: two index lookups (an OR of both scans the table).
+        let mut row = sqlx::query(&format!(
+            "SELECT {COLS} FROM instances WHERE id = $1 AND (CAST($2 AS TEXT) IS NULL OR project_id = $2)"
         ))
         .bind(id_or_name)
         .bind(scope.filter())
         .fetch_optional(&self.pool)
         .await?;
+        if row.is_none() {
+            row = sqlx::query(&format!(
+                "SELECT {COLS} FROM instances WHERE name = $1 AND state <> 'terminated'
+                 AND (CAST($2 AS TEXT) IS NULL OR project_id = $2) ORDER BY created_at DESC LIMIT 1"
+            ))
+            .bind(id_or_name)
+            .bind(scope.filter())
+            .fetch_optional(&self.pool)
+            .await?;
+        }
         match row {
             Some(r) => from_row(&r),
             None => Err(StoreError::NotFound {
