@@ -42,6 +42,21 @@ fn new_instance(name: &str, image: &str, network: &str) -> NewInstance {
     }
 }
 
+/// Create an instance placed on this host.
+async fn create_on(
+    s: &Store,
+    scope: &Scope,
+    name: &str,
+    image: &str,
+    network: &str,
+    host: &str,
+) -> Result<InstanceRow> {
+    s.create_instance(scope, &new_instance(name, image, network), |p, _| {
+        on(p, host)
+    })
+    .await
+}
+
 /// Place on this host.
 fn on(p: &Placement, host: &str) -> std::result::Result<usize, String> {
     p.hosts()
@@ -101,10 +116,7 @@ async fn projects_cannot_see_each_other() {
     let bob = k2.scope();
     let img = image(&s, &admin, "img").await;
     let net = s.network("default").await.expect("net");
-    let i = s
-        .create_instance(&admin, &new_instance("vm1", &img.id, &net.id), |p, _| {
-            on(p, &host.id)
-        })
+    let i = create_on(&s, &admin, "vm1", &img.id, &net.id, &host.id)
         .await
         .expect("create");
     assert!(matches!(
@@ -147,26 +159,16 @@ async fn addresses_are_unique_and_released() {
         .expect("host");
     let img = image(&s, &admin, "img").await;
     let net = s.network("default").await.expect("net");
-    let a = s
-        .create_instance(&admin, &new_instance("a", &img.id, &net.id), |p, _| {
-            on(p, &host.id)
-        })
+    let a = create_on(&s, &admin, "a", &img.id, &net.id, &host.id)
         .await
         .expect("a");
-    let c = s
-        .create_instance(&admin, &new_instance("c", &img.id, &net.id), |p, _| {
-            on(p, &host.id)
-        })
+    let c = create_on(&s, &admin, "c", &img.id, &net.id, &host.id)
         .await
         .expect("c");
     assert_ne!(a.private_ip, c.private_ip);
     assert_ne!(a.mac, c.mac);
     assert_eq!(a.private_ip, "10.9.0.10");
-    let dup = s
-        .create_instance(&admin, &new_instance("a", &img.id, &net.id), |p, _| {
-            on(p, &host.id)
-        })
-        .await;
+    let dup = create_on(&s, &admin, "a", &img.id, &net.id, &host.id).await;
     assert!(matches!(dup, Err(StoreError::Conflict(_))));
     // Terminate a: its address becomes free again.
     s.update_instance(&admin, &a.id, |r| {
@@ -179,10 +181,7 @@ async fn addresses_are_unique_and_released() {
     .expect("terminate");
     let a2 = s.instance(&admin, &a.id).await.expect("a");
     assert!(s.instance_absent_on_host(&a2).await.expect("gone"));
-    let d = s
-        .create_instance(&admin, &new_instance("d", &img.id, &net.id), |p, _| {
-            on(p, &host.id)
-        })
+    let d = create_on(&s, &admin, "d", &img.id, &net.id, &host.id)
         .await
         .expect("d");
     // Round robin: a released address is not handed out again at once (stale ARP caches).
@@ -224,10 +223,7 @@ async fn observations_follow_generations() {
         .expect("host");
     let img = image(&s, &admin, "img").await;
     let net = s.network("default").await.expect("net");
-    let i = s
-        .create_instance(&admin, &new_instance("a", &img.id, &net.id), |p, _| {
-            on(p, &host.id)
-        })
+    let i = create_on(&s, &admin, "a", &img.id, &net.id, &host.id)
         .await
         .expect("a");
     // A report for an older generation changes nothing.
@@ -280,11 +276,9 @@ async fn images_in_use_cannot_be_deleted() {
         .expect("host");
     let img = image(&s, &admin, "img").await;
     let net = s.network("default").await.expect("net");
-    s.create_instance(&admin, &new_instance("a", &img.id, &net.id), |p, _| {
-        on(p, &host.id)
-    })
-    .await
-    .expect("a");
+    create_on(&s, &admin, "a", &img.id, &net.id, &host.id)
+        .await
+        .expect("a");
     assert!(matches!(
         s.delete_image(&admin, "img").await,
         Err(StoreError::Conflict(_))
@@ -433,11 +427,7 @@ async fn a_full_network_refuses_and_a_release_makes_room() {
             .expect("fits");
         ids.push(i);
     }
-    let full = s
-        .create_instance(&admin, &new_instance("v5", &img.id, &net.id), |p, _| {
-            on(p, &host.id)
-        })
-        .await;
+    let full = create_on(&s, &admin, "v5", &img.id, &net.id, &host.id).await;
     assert!(
         matches!(&full, Err(StoreError::NoCapacity(m)) if m.contains("no free address")),
         "{full:?}"
@@ -462,10 +452,7 @@ async fn a_full_network_refuses_and_a_release_makes_room() {
     .expect("terminate");
     let v = s.instance(&admin, &victim.id).await.expect("v");
     assert!(s.instance_absent_on_host(&v).await.expect("gone"));
-    let again = s
-        .create_instance(&admin, &new_instance("v5", &img.id, &net.id), |p, _| {
-            on(p, &host.id)
-        })
+    let again = create_on(&s, &admin, "v5", &img.id, &net.id, &host.id)
         .await
         .expect("room again");
     assert_eq!(again.private_ip, victim.private_ip);

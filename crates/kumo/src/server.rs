@@ -137,14 +137,14 @@ pub struct AgentArgs {
     pub storage_pool: String,
 }
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_label(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
         .ok_or("a label is KEY=VALUE, e.g. role=core")?;
     Ok((k.to_string(), v.to_string()))
 }
 
-fn parse_capacity(s: &str) -> Result<(u32, u64), String> {
+pub(crate) fn parse_capacity(s: &str) -> Result<(u32, u64), String> {
     let (c, m) = s
         .split_once(':')
         .ok_or("capacity must be VCPUS:MEMORY_MIB, e.g. 16:65536")?;

@@ -1,6 +1,7 @@
 //! `kumo dev sim-hosts`: thousands of simulated hosts in this process, joined to a running
 //! controller, until Ctrl-C. For scale tests of the controller and scheduler.
 
+use crate::server::{parse_capacity, parse_label};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -40,27 +41,6 @@ pub struct SimHostsArgs {
     /// Where the shared agent listener binds.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
-}
-
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or("a label is KEY=VALUE, e.g. role=core")?;
-    Ok((k.to_string(), v.to_string()))
-}
-
-fn parse_capacity(s: &str) -> Result<(u32, u64), String> {
-    let (c, m) = s
-        .split_once(':')
-        .ok_or("capacity must be VCPUS:MEMORY_MIB, e.g. 64:262144")?;
-    let c: u32 = c.parse().map_err(|_| format!("bad vCPU count {c:?}"))?;
-    let m: u64 = m
-        .parse()
-        .map_err(|_| format!("bad memory size {m:?} (MiB)"))?;
-    if c == 0 || m == 0 {
-        return Err("capacity must be positive".into());
-    }
-    Ok((c, m))
 }
 
 pub async fn run(a: SimHostsArgs) -> anyhow::Result<()> {
