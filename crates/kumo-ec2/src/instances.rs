@@ -705,7 +705,7 @@ pub async fn status(ctx: &Ctx<'_>, mut p: Params) -> Result<String, Ec2Error> {
     if !all {
         rows.retain(|r| r.state == InstanceState::Running);
     }
-    let l = lookups(ctx, &[]).await?;
+    let l = lookups(ctx, &rows).await?;
     rows.retain(|i| matches_all(&filters, |n| status_values(i, &l, n)));
     let (rows, next) = page::page(rows, |r| r.id.clone(), token.as_deref(), max)?;
     let mut x = Xml::new();
