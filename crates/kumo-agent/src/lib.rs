@@ -106,7 +106,10 @@ pub async fn start(cfg: Config) -> Result<Arc<Agent>, AgentError> {
     let mut info = heartbeat::host_info(hv.as_ref()).await;
     info.labels = cfg.labels.clone();
     info.storage_pool = cfg.storage_pool.clone();
-    info.disk_gib = heartbeat::disk_gib(&cfg.data_dir);
+    // Simulated VMs take no disk: a sim host leaves disk unchecked (0).
+    if cfg.hypervisor == "qemu" {
+        info.disk_gib = heartbeat::disk_gib(&cfg.data_dir);
+    }
     if let Some((vcpus, memory_mib)) = cfg.capacity {
         info.vcpus = vcpus;
         info.memory_mib = memory_mib;
