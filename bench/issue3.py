@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -53,6 +54,8 @@ def cleanup():
 
 
 atexit.register(cleanup)
+# SIGTERM (e.g. `kill`) exits through atexit too, so the server and the fleet do not outlive it.
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def pct(xs, q):
