@@ -11,7 +11,8 @@ One table row per H, so the growth from 1,000 to 10,000 hosts is visible.
 
 Run: `python3 bench/issue3.py` (release build at target/release/kumo, or KUMO_BIN).
 Everything runs on 127.0.0.1 in a temp dir that is removed at exit. Knobs: BENCH_HOSTS
-("1000,10000"; BENCH_HOSTS=200 is a quick smoke run), BENCH_PER_HOST (10), BENCH_CLIENTS (8).
+("1000,10000"; BENCH_HOSTS=200 is a quick smoke run), BENCH_PER_HOST (10), BENCH_CLIENTS (8),
+BENCH_HEARTBEAT (30, the fleet's heartbeat interval in seconds).
 """
 
 import atexit
@@ -38,6 +39,7 @@ KUMO = os.environ.get("KUMO_BIN") or os.path.join(REPO, "target", "release", "ku
 SIZES = [int(x) for x in os.environ.get("BENCH_HOSTS", "1000,10000").split(",") if x.strip()]
 PER_HOST = int(os.environ.get("BENCH_PER_HOST", "10"))
 CLIENTS = int(os.environ.get("BENCH_CLIENTS", "8"))
+HEARTBEAT = os.environ.get("BENCH_HEARTBEAT", "30")
 BATCH = 100
 LIST_CALLS = 200
 GET_CALLS = 500
@@ -273,7 +275,7 @@ def run(hosts):
     wait_for(healthy, 60, "the controller")
     fleet_log = os.path.join(TMP, f"fleet-{hosts}.log")
     fleet = subprocess.Popen([KUMO, "dev", "sim-hosts", "--controller", f"http://127.0.0.1:{port}", "--join-token",
-                              b["join_token"], "--count", str(hosts), "--sites", "3", "--heartbeat-interval", "30"],
+                              b["join_token"], "--count", str(hosts), "--sites", "3", "--heartbeat-interval", HEARTBEAT],
                              stdin=subprocess.DEVNULL, stdout=open(fleet_log, "wb"), stderr=subprocess.STDOUT,
                              env=dict(os.environ, KUMO_LOG="warn"))
     PROCS.append(fleet)
