@@ -43,6 +43,8 @@ pub struct Cloud {
     pub access_key_id: String,
     pub secret: String,
     pub join_token: String,
+    /// Extra `kumo server` arguments, kept for restarts.
+    server_args: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -71,6 +73,12 @@ impl Cloud {
 
     /// A controller with no agents yet.
     pub async fn controller_only() -> Cloud {
+        Cloud::controller_with(&[]).await
+    }
+
+    /// A controller with extra `kumo server` arguments (e.g. `--default-cidr 10.64.0.0/16`;
+    /// `--heartbeat-timeout` replaces the fixture's 6 s).
+    pub async fn controller_with(extra: &[&str]) -> Cloud {
         let dir = tempfile::Builder::new()
             .prefix("kumo-test-")
             .tempdir()
@@ -94,6 +102,7 @@ impl Cloud {
             access_key_id: String::new(),
             secret: String::new(),
             join_token: String::new(),
+            server_args: extra.iter().map(|s| s.to_string()).collect(),
         };
         cloud.start_server();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -132,14 +141,17 @@ impl Cloud {
 
     /// Start (or restart) the controller on the same port and data dir.
     pub fn start_server(&mut self) {
+        let mut args = vec![
+            "server".to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", self.port),
+        ];
+        if !self.server_args.iter().any(|a| a == "--heartbeat-timeout") {
+            args.extend(["--heartbeat-timeout".into(), "6".into()]);
+        }
+        args.extend(self.server_args.iter().cloned());
         let child = Command::new(KUMO)
-            .args([
-                "server",
-                "--listen",
-                &format!("127.0.0.1:{}", self.port),
-                "--heartbeat-timeout",
-                "6",
-            ])
+            .args(&args)
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--bootstrap-file")

@@ -3,7 +3,6 @@
 //! No VMs run: a simulated host answers a desired spec at once.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,7 +13,7 @@ use kumo_simfleet::{Fleet, FleetConfig};
 use kumo_types::api::{Host, Instance, Page};
 use kumo_types::InstanceState;
 
-use crate::common::{Cloud, KUMO};
+use crate::common::Cloud;
 use crate::sim::tiny_image;
 
 /// Only there to turn a hang into a failure.
@@ -30,54 +29,8 @@ fn capacity(vcpus: u32, memory_mib: u64) -> (u32, u64) {
 }
 
 /// The fixture's default network is a /24 (244 addresses); hundreds of instances need more.
-/// The default network is made only when the store is created, so start over with one.
 async fn cloud_with_network(cidr: &str) -> Cloud {
-    let mut cloud = Cloud::controller_only().await;
-    cloud.kill_server();
-    let boot = cloud.dir.path().join("bootstrap.json");
-    std::fs::remove_dir_all(cloud.data_dir()).expect("remove the first store");
-    std::fs::remove_file(&boot).expect("remove the first bootstrap file");
-    let log = || {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(cloud.dir.path().join("server.log"))
-            .map(Stdio::from)
-            .expect("log file")
-    };
-    let child = Command::new(KUMO)
-        .args([
-            "server",
-            "--listen",
-            &format!("127.0.0.1:{}", cloud.port),
-            "--heartbeat-timeout",
-            "10",
-            "--default-cidr",
-            cidr,
-        ])
-        .arg("--data-dir")
-        .arg(cloud.data_dir())
-        .arg("--bootstrap-file")
-        .arg(&boot)
-        .env("KUMO_LOG", "info")
-        .stdout(log())
-        .stderr(log())
-        .spawn()
-        .expect("spawn kumo server");
-    cloud.server = Some(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !boot.exists() {
-        assert!(Instant::now() < deadline, "no bootstrap file");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&boot).expect("read bootstrap")).expect("json");
-    cloud.access_key_id = v["access_key_id"].as_str().expect("key").to_string();
-    cloud.secret = v["secret_access_key"].as_str().expect("secret").to_string();
-    cloud.join_token = v["join_token"].as_str().expect("token").to_string();
-    cloud.client = cloud.client_for(&cloud.access_key_id.clone(), &cloud.secret.clone());
-    cloud.wait_api().await;
-    cloud
+    Cloud::controller_with(&["--default-cidr", cidr, "--heartbeat-timeout", "10"]).await
 }
 
 async fn start_fleet(
