@@ -40,12 +40,7 @@ pub async fn hosts(
     let items = rows
         .into_iter()
         .map(|h| {
-            let u = p.host(&h.id).map(|v| kumo_store::HostUsage {
-                vcpus: v.used_vcpus,
-                memory_mib: v.used_memory_mib,
-                instances: v.instances,
-                disk_gib: v.used_disk_gib,
-            });
+            let u = p.usage(&h.id);
             convert::host(h, u.as_ref())
         })
         .collect();
@@ -64,8 +59,7 @@ pub async fn host(
 ) -> Result<Json<Host>, ApiError> {
     admin_only(&c)?;
     let h = st.ctl.store.host(&id).await?;
-    let usage = st.ctl.store.host_usage().await?;
-    let u = usage.get(&h.id).cloned();
+    let u = st.ctl.store.host_usage(&h.id).await?;
     Ok(Json(convert::host(h, u.as_ref())))
 }
 
@@ -145,8 +139,7 @@ pub async fn set_host_state(
 ) -> Result<Json<Host>, ApiError> {
     admin_only(&c)?;
     let h = st.ctl.set_host_state(&id, &req.state).await?;
-    let usage = st.ctl.store.host_usage().await?;
-    let u = usage.get(&h.id).cloned();
+    let u = st.ctl.store.host_usage(&h.id).await?;
     Ok(Json(convert::host(h, u.as_ref())))
 }
 

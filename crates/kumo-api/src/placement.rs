@@ -4,8 +4,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use kumo_types::api::{
-    CapacityReport, CapacityRow, CreatePlacementGroup, ErrorBody, ExplainParams, Host, Page,
-    PlacementGroup, PlacementStats, PlacementVerdict, UpdateHost,
+    CapacityReport, CreatePlacementGroup, ErrorBody, ExplainParams, Host, Page, PlacementGroup,
+    PlacementStats, PlacementVerdict, UpdateHost,
 };
 
 use crate::auth::Caller;
@@ -60,13 +60,7 @@ pub async fn stats(
     Extension(c): Extension<Caller>,
 ) -> Result<Json<PlacementStats>, ApiError> {
     admin_only(&c)?;
-    let s = st.ctl.decision_stats();
-    Ok(Json(PlacementStats {
-        decisions: s.decisions,
-        p50_us: s.p50_us,
-        p99_us: s.p99_us,
-        max_us: s.max_us,
-    }))
+    Ok(Json(st.ctl.decision_stats()))
 }
 
 #[utoipa::path(get, path = "/api/v1/capacity", tag = "hosts", responses((status = 200, body = CapacityReport), (status = 403, body = ErrorBody)))]
@@ -75,54 +69,7 @@ pub async fn capacity(
     Extension(c): Extension<Caller>,
 ) -> Result<Json<CapacityReport>, ApiError> {
     admin_only(&c)?;
-    let cap = st.ctl.capacity().await?;
-    let hosts = cap
-        .hosts
-        .into_iter()
-        .map(|h| CapacityRow {
-            name: h.host,
-            site: h.site,
-            state: h.state,
-            vcpus: h.vcpus,
-            memory_mib: h.memory_mib,
-            disk_gib: h.disk_gib,
-            used_vcpus: h.used_vcpus,
-            used_memory_mib: h.used_memory_mib,
-            used_disk_gib: h.used_disk_gib,
-            free_vcpus: h.free_vcpus,
-            free_memory_mib: h.free_memory_mib,
-            free_disk_gib: h.free_disk_gib,
-            reserved_memory_mib: h.reserved_memory_mib,
-            instances: h.instances,
-        })
-        .collect();
-    let sites = cap
-        .sites
-        .into_iter()
-        .map(|s| CapacityRow {
-            name: s.site.clone(),
-            site: s.site,
-            state: format!("{} hosts", s.hosts),
-            vcpus: s.vcpus,
-            memory_mib: s.memory_mib,
-            disk_gib: s.disk_gib,
-            used_vcpus: s.used_vcpus,
-            used_memory_mib: s.used_memory_mib,
-            used_disk_gib: s.used_disk_gib,
-            free_vcpus: s.free_vcpus,
-            free_memory_mib: s.free_memory_mib,
-            free_disk_gib: s.free_disk_gib,
-            reserved_memory_mib: 0,
-            instances: 0,
-        })
-        .collect();
-    Ok(Json(CapacityReport {
-        hosts,
-        sites,
-        n_plus_one: cap.n_plus_one.ok,
-        largest_host: cap.n_plus_one.largest_host,
-        stranded: cap.n_plus_one.stranded,
-    }))
+    Ok(Json(st.ctl.capacity().await?))
 }
 
 #[utoipa::path(patch, path = "/api/v1/hosts/{id}", tag = "hosts", request_body = UpdateHost, params(("id" = String, Path, description = "Host id or name")),
@@ -143,8 +90,7 @@ pub async fn update_host(
             req.reserved_memory_mib,
         )
         .await?;
-    let usage = st.ctl.store.host_usage().await?;
-    let u = usage.get(&h.id).cloned();
+    let u = st.ctl.store.host_usage(&h.id).await?;
     Ok(Json(convert::host(h, u.as_ref())))
 }
 

@@ -19,7 +19,6 @@ pub use error::OpError;
 pub use hosts::HeartbeatResponse;
 pub use instances::{DEFAULT_TYPE, MAX_BATCH};
 use kumo_store::{NewEvent, Store};
-pub use placement::{Capacity, DecisionStats, HostCapacity, SiteCapacity};
 use tokio::sync::Notify;
 
 #[derive(Debug, Clone)]

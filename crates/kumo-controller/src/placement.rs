@@ -5,9 +5,9 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use kumo_scheduler::{GroupView, HostView, NPlusOne, Request, Verdict};
+use kumo_scheduler::{GroupView, HostView, Request, Verdict};
 use kumo_store::{HostRow, JoinToken, PlacementGroupRow, Scope};
-use serde::Serialize;
+use kumo_types::api::{CapacityReport, CapacityRow, PlacementStats};
 
 use crate::{Controller, OpError};
 
@@ -28,60 +28,6 @@ impl Decisions {
         }
         self.recent.push_back(d.as_nanos() as u64);
     }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct DecisionStats {
-    /// Decisions since the controller started.
-    pub decisions: u64,
-    /// Over the last 100,000 decisions, microseconds.
-    pub p50_us: f64,
-    pub p99_us: f64,
-    pub max_us: f64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct HostCapacity {
-    pub host: String,
-    pub site: String,
-    pub state: String,
-    /// What the scheduler may hand out (after overcommit and the host's reserve).
-    pub vcpus: u32,
-    pub memory_mib: u64,
-    /// 0 when the host does not report its storage.
-    pub disk_gib: u64,
-    pub used_vcpus: u32,
-    pub used_memory_mib: u64,
-    pub used_disk_gib: u64,
-    pub free_vcpus: u32,
-    pub free_memory_mib: u64,
-    pub free_disk_gib: u64,
-    /// Host memory kept back for the host itself.
-    pub reserved_memory_mib: u64,
-    pub instances: u32,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct SiteCapacity {
-    pub site: String,
-    pub hosts: u32,
-    pub vcpus: u32,
-    pub memory_mib: u64,
-    pub disk_gib: u64,
-    pub used_vcpus: u32,
-    pub used_memory_mib: u64,
-    pub used_disk_gib: u64,
-    /// Free on `up` hosts only: what new instances can use now.
-    pub free_vcpus: u32,
-    pub free_memory_mib: u64,
-    pub free_disk_gib: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Capacity {
-    pub hosts: Vec<HostCapacity>,
-    pub sites: Vec<SiteCapacity>,
-    pub n_plus_one: NPlusOne,
 }
 
 impl Controller {
@@ -163,7 +109,7 @@ impl Controller {
         r
     }
 
-    pub fn decision_stats(&self) -> DecisionStats {
+    pub fn decision_stats(&self) -> PlacementStats {
         let (total, mut v) = match self.decisions.lock() {
             Ok(d) => (d.total, d.recent.iter().copied().collect::<Vec<u64>>()),
             Err(_) => (0, vec![]),
@@ -176,7 +122,7 @@ impl Controller {
             let i = ((v.len() - 1) as f64 * q).round() as usize;
             v[i] as f64 / 1000.0
         };
-        DecisionStats {
+        PlacementStats {
             decisions: total,
             p50_us: pct(0.50),
             p99_us: pct(0.99),
@@ -201,15 +147,17 @@ impl Controller {
         Ok(kumo_scheduler::explain(p.hosts(), &req, &self.cfg.policy))
     }
 
-    pub async fn capacity(&self) -> Result<Capacity, OpError> {
+    /// Used, reserved and free capacity per host and per site, and N+1.
+    pub async fn capacity(&self) -> Result<CapacityReport, OpError> {
         let views = self.store.placement().await?.hosts().to_vec();
         let p = &self.cfg.policy;
-        let mut sites: Vec<SiteCapacity> = vec![];
-        let mut out = vec![];
+        let mut hosts = Vec::with_capacity(views.len());
+        // Site -> (hosts, totals); a site's free capacity counts `up` hosts only.
+        let mut sites: std::collections::BTreeMap<String, (u32, CapacityRow)> = Default::default();
         for v in &views {
             let (c, m, d) = kumo_scheduler::capacity(v, p);
-            let hc = HostCapacity {
-                host: v.name.clone(),
+            let row = CapacityRow {
+                name: v.name.clone(),
                 site: v.site.clone(),
                 state: v.state.clone(),
                 vcpus: c,
@@ -224,32 +172,29 @@ impl Controller {
                 reserved_memory_mib: p.for_host(v).reserved_memory_mib,
                 instances: v.instances,
             };
-            let s = match sites.iter().position(|s| s.site == v.site) {
-                Some(i) => &mut sites[i],
-                None => {
-                    sites.push(SiteCapacity {
-                        site: v.site.clone(),
-                        ..SiteCapacity::default()
-                    });
-                    let last = sites.len() - 1;
-                    &mut sites[last]
-                }
-            };
-            s.hosts += 1;
-            s.vcpus += hc.vcpus;
-            s.memory_mib += hc.memory_mib;
-            s.disk_gib += hc.disk_gib;
-            s.used_vcpus += hc.used_vcpus;
-            s.used_memory_mib += hc.used_memory_mib;
-            s.used_disk_gib += hc.used_disk_gib;
+            let (n, s) = sites.entry(v.site.clone()).or_insert_with(|| {
+                let site = CapacityRow {
+                    name: v.site.clone(),
+                    site: v.site.clone(),
+                    ..CapacityRow::default()
+                };
+                (0, site)
+            });
+            *n += 1;
+            s.vcpus += row.vcpus;
+            s.memory_mib += row.memory_mib;
+            s.disk_gib += row.disk_gib;
+            s.used_vcpus += row.used_vcpus;
+            s.used_memory_mib += row.used_memory_mib;
+            s.used_disk_gib += row.used_disk_gib;
+            s.instances += row.instances;
             if v.state == "up" {
-                s.free_vcpus += hc.free_vcpus;
-                s.free_memory_mib += hc.free_memory_mib;
-                s.free_disk_gib += hc.free_disk_gib;
+                s.free_vcpus += row.free_vcpus;
+                s.free_memory_mib += row.free_memory_mib;
+                s.free_disk_gib += row.free_disk_gib;
             }
-            out.push(hc);
+            hosts.push(row);
         }
-        sites.sort_by(|a, b| a.site.cmp(&b.site));
         // Only the largest host's instances are needed to simulate its loss.
         let load: Vec<(u32, u64)> = match kumo_scheduler::largest_host(&views) {
             Some(h) => self
@@ -261,11 +206,19 @@ impl Controller {
                 .collect(),
             None => vec![],
         };
-        let n_plus_one = kumo_scheduler::n_plus_one(&views, |_| load.clone(), p);
-        Ok(Capacity {
-            hosts: out,
-            sites,
-            n_plus_one,
+        let n1 = kumo_scheduler::n_plus_one(&views, |_| load.clone(), p);
+        Ok(CapacityReport {
+            hosts,
+            sites: sites
+                .into_values()
+                .map(|(n, s)| CapacityRow {
+                    state: format!("{n} hosts"),
+                    ..s
+                })
+                .collect(),
+            n_plus_one: n1.ok,
+            largest_host: n1.largest_host,
+            stranded: n1.stranded,
         })
     }
 

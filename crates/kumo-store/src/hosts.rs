@@ -5,6 +5,8 @@ use kumo_types::agent::HostInfo;
 use kumo_types::id::{new_id, new_secret, IdKind};
 use sqlx::Row;
 
+use kumo_scheduler::valid_label_part;
+
 use crate::auth::unique_conflict;
 use crate::{fmt_time, now_str, parse_time, parse_time_opt, Result, Store, StoreError};
 
@@ -103,14 +105,6 @@ fn check_labels(labels: &std::collections::BTreeMap<String, String>) -> Result<S
     serde_json::to_string(labels).map_err(|_| StoreError::Corrupt("labels"))
 }
 
-fn valid_label_part(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-_".contains(c))
-}
-
 impl Store {
     /// Register a new host; its name must be new. Returns the host with its secret.
     pub async fn register_host(
@@ -176,23 +170,9 @@ impl Store {
         rows.iter().map(host_from_row).collect()
     }
 
-    /// What the live instances on every host reserve (from placement's state, no scan).
-    pub async fn host_usage(&self) -> Result<std::collections::HashMap<String, HostUsage>> {
-        let p = self.placement().await?;
-        Ok(p.hosts()
-            .iter()
-            .map(|h| {
-                (
-                    h.id.clone(),
-                    HostUsage {
-                        vcpus: h.used_vcpus,
-                        memory_mib: h.used_memory_mib,
-                        instances: h.instances,
-                        disk_gib: h.used_disk_gib,
-                    },
-                )
-            })
-            .collect())
+    /// What the live instances on a host reserve (from placement's state, no scan).
+    pub async fn host_usage(&self, host_id: &str) -> Result<Option<HostUsage>> {
+        Ok(self.placement().await?.usage(host_id))
     }
 
     /// Hosts by name, a page at a time.

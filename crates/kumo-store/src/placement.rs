@@ -110,6 +110,16 @@ impl Placement {
         self.index.get(id).map(|&i| &self.hosts[i])
     }
 
+    /// What a host's live instances reserve.
+    pub fn usage(&self, id: &str) -> Option<crate::HostUsage> {
+        self.host(id).map(|h| crate::HostUsage {
+            vcpus: h.used_vcpus,
+            memory_mib: h.used_memory_mib,
+            instances: h.instances,
+            disk_gib: h.used_disk_gib,
+        })
+    }
+
     /// Where the members of a spread group are, for the scheduler.
     pub fn group_view(&self, g: &crate::PlacementGroupRow) -> GroupView {
         let per_host = self.groups.get(&g.id).cloned().unwrap_or_default();

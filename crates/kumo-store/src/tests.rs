@@ -57,6 +57,20 @@ async fn create_on(
     .await
 }
 
+/// Terminate as the controller does, and as if the host reported the VM gone.
+async fn terminate_now(s: &Store, scope: &Scope, id: &str) {
+    s.update_instance(scope, id, |r| {
+        let mut n = r.clone();
+        n.state = InstanceState::ShuttingDown;
+        n.desired = "terminated".into();
+        Ok(Some(n))
+    })
+    .await
+    .expect("terminate");
+    let row = s.instance(scope, id).await.expect("row");
+    assert!(s.instance_absent_on_host(&row).await.expect("gone"));
+}
+
 /// Place on this host.
 fn on(p: &Placement, host: &str) -> std::result::Result<usize, String> {
     p.hosts()
@@ -171,16 +185,7 @@ async fn addresses_are_unique_and_released() {
     let dup = create_on(&s, &admin, "a", &img.id, &net.id, &host.id).await;
     assert!(matches!(dup, Err(StoreError::Conflict(_))));
     // Terminate a: its address becomes free again.
-    s.update_instance(&admin, &a.id, |r| {
-        let mut n = r.clone();
-        n.state = InstanceState::ShuttingDown;
-        n.desired = "terminated".into();
-        Ok(Some(n))
-    })
-    .await
-    .expect("terminate");
-    let a2 = s.instance(&admin, &a.id).await.expect("a");
-    assert!(s.instance_absent_on_host(&a2).await.expect("gone"));
+    terminate_now(&s, &admin, &a.id).await;
     let d = create_on(&s, &admin, "d", &img.id, &net.id, &host.id)
         .await
         .expect("d");
@@ -442,16 +447,7 @@ async fn a_full_network_refuses_and_a_release_makes_room() {
         .expect("h");
     assert_eq!((h.instances, h.used_memory_mib), (5, 5 * 512));
     let victim = &ids[2];
-    s.update_instance(&admin, &victim.id, |r| {
-        let mut n = r.clone();
-        n.state = InstanceState::ShuttingDown;
-        n.desired = "terminated".into();
-        Ok(Some(n))
-    })
-    .await
-    .expect("terminate");
-    let v = s.instance(&admin, &victim.id).await.expect("v");
-    assert!(s.instance_absent_on_host(&v).await.expect("gone"));
+    terminate_now(&s, &admin, &victim.id).await;
     let again = create_on(&s, &admin, "v5", &img.id, &net.id, &host.id)
         .await
         .expect("room again");

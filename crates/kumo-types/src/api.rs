@@ -332,7 +332,7 @@ pub struct PlacementVerdict {
     pub score: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct CapacityRow {
     /// Host or site name.
     pub name: String,
@@ -350,7 +350,7 @@ pub struct CapacityRow {
     pub free_vcpus: u32,
     pub free_memory_mib: u64,
     pub free_disk_gib: u64,
-    /// Host memory kept back for the host itself (hosts only).
+    /// Host memory kept back for the host itself (0 for sites).
     pub reserved_memory_mib: u64,
     pub instances: u32,
 }
