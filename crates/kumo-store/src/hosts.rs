@@ -309,6 +309,13 @@ impl Store {
         memory_overcommit: Option<f64>,
         reserved_memory_mib: Option<u64>,
     ) -> Result<HostRow> {
+        if cpu_overcommit.is_none() && memory_overcommit.is_none() && reserved_memory_mib.is_none()
+        {
+            return Err(StoreError::Invalid(
+                "nothing to change: give cpu_overcommit, memory_overcommit or reserved_memory_mib"
+                    .into(),
+            ));
+        }
         let host = self.host(id).await?;
         if let Some(c) = cpu_overcommit {
             if !(c > 0.0 && c <= 64.0) {

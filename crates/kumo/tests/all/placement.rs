@@ -286,6 +286,7 @@ async fn spread_groups_batches_and_host_policy() {
             reserved_memory_mib: Some(8192),
             ..UpdateHost::default()
         },
+        UpdateHost::default(),
     ] {
         let e = c.update_host("host2", &bad).await.expect_err("bad policy");
         assert_eq!(code(e).0, 400);
