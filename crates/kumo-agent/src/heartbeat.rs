@@ -58,6 +58,7 @@ pub(crate) async fn host_info(hv: &dyn Hypervisor) -> HostInfo {
         labels: Default::default(),
         storage_pool: String::new(),
         disk_gib: 0,
+        tunnel_ip: String::new(),
     }
 }
 
@@ -148,6 +149,7 @@ impl Agent {
             address: self.address.clone(),
             info: self.info.clone(),
             vms: self.observe_all().await,
+            repairs: vec![],
         };
         let url = format!("{}/api/v1/agent/heartbeat", self.identity.controller);
         let resp = self

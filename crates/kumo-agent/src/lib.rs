@@ -8,6 +8,7 @@ mod error;
 mod heartbeat;
 mod http;
 mod ledger;
+pub mod metadata;
 mod vms;
 
 use std::path::PathBuf;

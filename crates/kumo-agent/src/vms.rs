@@ -329,6 +329,8 @@ impl Agent {
                         cidr: n.network.cidr.clone(),
                         gateway: n.network.gateway.clone(),
                         mtu: None,
+                        isolation: kumo_network::Isolation::Local,
+                        peers: vec![],
                     },
                     vec![],
                 )
@@ -338,6 +340,8 @@ impl Agent {
                 mac: n.mac.clone(),
                 ip: n.ip.clone(),
                 hostname: e.rec.desired.name.clone(),
+                groups: vec![],
+                public_ip: None,
             });
         }
         let mut list: Vec<_> = nets.into_values().collect();

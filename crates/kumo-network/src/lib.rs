@@ -12,6 +12,7 @@
 mod cmd;
 mod dnsmasq;
 mod error;
+mod firewall;
 mod ledger;
 mod links;
 mod names;
@@ -24,7 +25,9 @@ use std::time::Duration;
 
 pub use error::NetworkError;
 pub use names::{mac_for, tap_name, TAP_PREFIX};
-pub use spec::{NetworkSpec, PortSpec};
+pub use spec::{
+    GroupPolicy, Isolation, NetworkSpec, PortSpec, PublicNetwork, RulePolicy, METADATA_IP,
+};
 
 use error::io_err;
 use ledger::Ledger;

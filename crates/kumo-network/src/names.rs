@@ -20,6 +20,11 @@ pub fn tap_name(instance_id: &str) -> String {
     }
 }
 
+/// 12 hex chars of SHA-256(`seed`): a short, stable piece of an interface name.
+pub fn short_hash(seed: &str) -> String {
+    hex::encode(Sha256::digest(seed.as_bytes()))[..12].to_string()
+}
+
 /// A deterministic, locally administered, unicast MAC address derived from `seed`:
 /// `02:` followed by 40 bits of SHA-256(seed).
 pub fn mac_for(seed: &str) -> String {

@@ -5,6 +5,8 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
+pub use kumo_types::agent::{GroupPolicy, Isolation, PublicNetwork, RulePolicy};
+
 use crate::error::NetworkError;
 
 /// One VM network on this host: a bridge holding the gateway address, served by one dnsmasq.
@@ -20,6 +22,16 @@ pub struct NetworkSpec {
     pub gateway: String,
     /// MTU of the bridge and its taps, also handed out by DHCP; `None` leaves the kernel default.
     pub mtu: Option<u32>,
+    /// How frames of this network reach other hosts.
+    #[serde(default = "local")]
+    pub isolation: Isolation,
+    /// Tunnel addresses of the other hosts carrying this network (VXLAN only).
+    #[serde(default)]
+    pub peers: Vec<String>,
+}
+
+fn local() -> Isolation {
+    Isolation::Local
 }
 
 /// One VM port: a tap on the network's bridge plus a static DHCP entry.
@@ -33,6 +45,12 @@ pub struct PortSpec {
     pub ip: String,
     /// The guest's host name (DHCP option 12 and a DNS name served by the network's dnsmasq).
     pub hostname: String,
+    /// Security group ids whose rules apply to this port (none: inbound denied, outbound allowed).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Elastic IP mapped to `ip` by DNAT/SNAT in the network's router namespace.
+    #[serde(default)]
+    pub public_ip: Option<Ipv4Addr>,
 }
 
 /// A validated network with parsed addresses.
@@ -44,6 +62,8 @@ pub(crate) struct Network {
     pub prefix: u8,
     pub gateway: Ipv4Addr,
     pub mtu: Option<u32>,
+    pub isolation: Isolation,
+    pub peers: Vec<Ipv4Addr>,
     pub ports: Vec<Port>,
 }
 
@@ -55,13 +75,54 @@ pub(crate) struct Port {
     pub mac: String,
     pub ip: Ipv4Addr,
     pub hostname: String,
+    pub groups: Vec<String>,
+    pub public_ip: Option<Ipv4Addr>,
 }
 
 impl Network {
     pub fn netmask(&self) -> Ipv4Addr {
         Ipv4Addr::from(mask(self.prefix))
     }
+
+    /// Short key naming this network's devices: the bridge name after `kb-`, or 12 hex chars of a hash.
+    pub fn key(&self) -> String {
+        match self.bridge.strip_prefix(crate::BRIDGE_PREFIX) {
+            Some(k) if !k.is_empty() && k.len() <= 12 => k.to_string(),
+            _ => crate::names::short_hash(&self.bridge),
+        }
+    }
+
+    /// The VXLAN or VLAN device on the bridge that carries the network to other hosts.
+    pub fn uplink(&self) -> Option<String> {
+        match self.isolation {
+            Isolation::Local => None,
+            Isolation::Vxlan { .. } | Isolation::Vlan { .. } => Some(format!("kx-{}", self.key())),
+        }
+    }
+
+    /// Host end (on the bridge) of the veth to the network's router namespace.
+    pub fn router_port(&self) -> String {
+        format!("kr-{}", self.key())
+    }
+
+    /// Host end (on the public bridge) of the router namespace's public veth.
+    pub fn public_port(&self) -> String {
+        format!("kp-{}", self.key())
+    }
+
+    /// The gateway's MAC: the same on every host, so a VM that moves keeps a valid ARP entry; frames from
+    /// it never cross the uplink (each host answers for the gateway itself).
+    pub fn gateway_mac(&self) -> String {
+        crate::names::mac_for(&format!("kumo-gateway:{}", self.name))
+    }
 }
+
+/// Name of the router veth's end inside the router namespace (holds the gateway address).
+pub const ROUTER_INSIDE: &str = "int0";
+/// Name of the public veth's end inside the router namespace (holds the elastic IPs).
+pub const ROUTER_OUTSIDE: &str = "ext0";
+/// The metadata service's address, on the router namespace's loopback.
+pub const METADATA_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 
 fn mask(prefix: u8) -> u32 {
     if prefix == 0 {
@@ -231,15 +292,7 @@ pub(crate) fn validate(
                 )));
             }
         }
-        for other in &out {
-            let m = mask(prefix.min(other.prefix));
-            if u32::from(network) & m == u32::from(other.network) & m {
-                return Err(invalid(format!(
-                    "networks {} and {} have overlapping cidrs",
-                    other.name, spec.name
-                )));
-            }
-        }
+        // Overlapping cidrs are fine: each network routes in its own namespace.
         let mut ips = HashSet::new();
         let mut parsed_ports = Vec::with_capacity(ports.len());
         for port in ports {
@@ -278,8 +331,23 @@ pub(crate) fn validate(
                 mac,
                 ip,
                 hostname: port.hostname.clone(),
+                groups: port.groups.clone(),
+                public_ip: port.public_ip,
             });
         }
+        let mut peers = Vec::with_capacity(spec.peers.len());
+        for p in &spec.peers {
+            peers.push(p.parse::<Ipv4Addr>().map_err(|_| {
+                invalid(format!(
+                    "network {}: peer {p:?} is not an IPv4 address",
+                    spec.name
+                ))
+            })?);
+        }
+        peers.sort();
+        peers.dedup();
+        // Deterministic order: the rendered rules depend on it.
+        parsed_ports.sort_by(|a, b| a.tap.cmp(&b.tap));
         out.push(Network {
             name: spec.name.clone(),
             bridge: spec.bridge.clone(),
@@ -287,6 +355,8 @@ pub(crate) fn validate(
             prefix,
             gateway,
             mtu: spec.mtu,
+            isolation: spec.isolation,
+            peers,
             ports: parsed_ports,
         });
     }
@@ -304,6 +374,8 @@ mod tests {
             cidr: cidr.into(),
             gateway: gw.into(),
             mtu: None,
+            isolation: Isolation::Local,
+            peers: vec![],
         }
     }
 
@@ -313,6 +385,8 @@ mod tests {
             mac: mac.into(),
             ip: ip.into(),
             hostname: "vm-1".into(),
+            groups: vec![],
+            public_ip: None,
         }
     }
 
@@ -386,6 +460,7 @@ mod tests {
                 "accepted {case:?}"
             );
         }
+        // Two networks may share a cidr (two projects): each routes in its own namespace.
         let overlap = validate(&[
             (good.clone(), vec![]),
             (
@@ -393,7 +468,7 @@ mod tests {
                 vec![],
             ),
         ]);
-        assert!(overlap.is_err());
+        assert!(overlap.is_ok());
         let mut bad_host = port("kt-1", "02:00:00:00:00:01", "10.77.0.5");
         bad_host.hostname = "a,b".into();
         assert!(validate(&[(good, vec![bad_host])]).is_err());

@@ -87,6 +87,7 @@ async fn beat(inner: &Inner, h: &SimHost) -> Result<(), String> {
         address: h.address.clone(),
         info: h.info.clone(),
         vms,
+        repairs: vec![],
     };
     let url = format!("{}/api/v1/agent/heartbeat", inner.controller);
     let resp = inner

@@ -237,6 +237,7 @@ impl Fleet {
                     storage_pool,
                     // Not reported: the scheduler then does not limit disk.
                     disk_gib: 0,
+                    tunnel_ip: String::new(),
                 },
                 ident: OnceLock::new(),
                 stopped: AtomicBool::new(false),

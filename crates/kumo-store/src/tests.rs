@@ -13,6 +13,7 @@ fn info() -> HostInfo {
         labels: Default::default(),
         storage_pool: String::new(),
         disk_gib: 0,
+        tunnel_ip: String::new(),
     }
 }
 

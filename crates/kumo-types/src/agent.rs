@@ -109,6 +109,9 @@ pub struct HostInfo {
     /// Size of the filesystem holding VM disks, GiB (0: not reported).
     #[serde(default)]
     pub disk_gib: u64,
+    /// This host's address for VXLAN tunnels between hosts (empty: no tunnels).
+    #[serde(default)]
+    pub tunnel_ip: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -118,9 +121,109 @@ pub struct Heartbeat {
     pub info: HostInfo,
     /// Every VM the agent has, with what it observes.
     pub vms: Vec<VmObserved>,
+    /// Drift the agent found and repaired since its last heartbeat (network state put back), in words.
+    #[serde(default)]
+    pub repairs: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConsoleTail {
     pub output: String,
+}
+
+/// Everything a host needs to render its tenant networks beyond each VM's own NIC: the networks of its
+/// VMs (with the other hosts that carry them), every port's security groups and elastic IP, the groups'
+/// rules with group references resolved to addresses, the public network, and each VM's metadata.
+/// Fetched by the agent from `GET /api/v1/agent/network-policy`; the agent renders it whole.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NetworkPolicy {
+    pub networks: Vec<NetworkInfo>,
+    pub ports: Vec<PortPolicy>,
+    pub groups: Vec<GroupPolicy>,
+    /// The operator's public network (elastic IPs); `None` when no address pool is defined.
+    pub public: Option<PublicNetwork>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NetworkInfo {
+    pub id: String,
+    pub name: String,
+    pub project_id: String,
+    pub cidr: String,
+    pub gateway: String,
+    /// MTU handed to guests (1450 on VXLAN networks so that full frames fit the underlay).
+    pub mtu: Option<u32>,
+    pub isolation: Isolation,
+    /// Tunnel addresses of the other hosts running VMs of this network (VXLAN flooding list).
+    #[serde(default)]
+    pub peers: Vec<String>,
+}
+
+/// How a network's frames are kept apart from other networks' between hosts.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Isolation {
+    /// Host-local only (the single-host default network of `kumo up`).
+    Local,
+    /// VXLAN over the hosts' tunnel addresses.
+    Vxlan { vni: u32 },
+    /// 802.1Q tag on the agent's trunk interface.
+    Vlan { tag: u16 },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PortPolicy {
+    pub instance_id: String,
+    pub network_id: String,
+    pub mac: String,
+    pub ip: String,
+    /// Security group ids, in the order they were given.
+    pub groups: Vec<String>,
+    pub public_ip: Option<String>,
+    pub metadata: VmMetadata,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GroupPolicy {
+    pub id: String,
+    pub ingress: Vec<RulePolicy>,
+    pub egress: Vec<RulePolicy>,
+}
+
+/// One allow rule. `protocol` is `tcp`, `udp`, `icmp` or `all`; ports only for tcp/udp (both `None` = all
+/// ports). `sources` are CIDRs (the peer: source for ingress, destination for egress); a rule naming
+/// another group carries that group's members' addresses as /32s.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RulePolicy {
+    pub protocol: String,
+    pub from_port: Option<u16>,
+    pub to_port: Option<u16>,
+    pub sources: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PublicNetwork {
+    /// The pool's subnet, e.g. 203.0.113.0/24 (on-link on the host's public bridge).
+    pub cidr: String,
+    /// Next hop for traffic leaving through an elastic IP.
+    pub gateway: String,
+}
+
+/// What the metadata service tells a VM about itself.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct VmMetadata {
+    pub instance_id: String,
+    pub hostname: String,
+    pub local_ipv4: String,
+    pub public_ipv4: Option<String>,
+    pub mac: String,
+    pub availability_zone: String,
+    pub instance_type: String,
+    pub ami_id: String,
+    pub reservation_id: String,
+    /// Security group names.
+    pub security_groups: Vec<String>,
+    /// (key name, OpenSSH public key).
+    pub public_keys: Vec<(String, String)>,
+    pub user_data: Option<String>,
 }
