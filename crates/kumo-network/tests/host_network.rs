@@ -118,6 +118,8 @@ fn network(name: &str, bridge: &str, third_octet: u8) -> NetworkSpec {
         cidr: format!("10.{third_octet}.0.0/24"),
         gateway: format!("10.{third_octet}.0.1"),
         mtu: None,
+        isolation: kumo_network::Isolation::Local,
+        peers: vec![],
     }
 }
 
@@ -127,6 +129,8 @@ fn port(instance: &str, third_octet: u8, host: u8) -> PortSpec {
         mac: mac_for(instance),
         ip: format!("10.{third_octet}.0.{host}"),
         hostname: format!("vm-{host}"),
+        groups: vec![],
+        public_ip: None,
     }
 }
 
