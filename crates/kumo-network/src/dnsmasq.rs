@@ -359,6 +359,8 @@ mod tests {
                 mac: (*mac).into(),
                 ip: (*ip).into(),
                 hostname: format!("vm{i}"),
+                groups: vec![],
+                public_ip: None,
             })
             .collect();
         let mut v = validate(&[(
@@ -368,6 +370,8 @@ mod tests {
                 cidr: "10.77.0.0/24".into(),
                 gateway: "10.77.0.1".into(),
                 mtu: Some(1450),
+                isolation: crate::Isolation::Local,
+                peers: vec![],
             },
             ports,
         )])

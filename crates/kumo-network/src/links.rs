@@ -288,6 +288,8 @@ mod tests {
                 mac: format!("02:00:00:00:00:{:02x}", i + 1),
                 ip: format!("10.77.0.{}", i + 10),
                 hostname: format!("vm{i}"),
+                groups: vec![],
+                public_ip: None,
             })
             .collect();
         validate(&[(
@@ -297,6 +299,8 @@ mod tests {
                 cidr: "10.77.0.0/24".into(),
                 gateway: "10.77.0.1".into(),
                 mtu: None,
+                isolation: crate::Isolation::Local,
+                peers: vec![],
             },
             ports,
         )])
