@@ -16,6 +16,13 @@ pub enum IdKind {
     Network,
     Request,
     PlacementGroup,
+    SecurityGroup,
+    SecurityGroupRule,
+    KeyPair,
+    /// An elastic IP allocation.
+    Address,
+    /// An elastic IP's association with an instance.
+    Association,
 }
 
 impl IdKind {
@@ -32,6 +39,11 @@ impl IdKind {
             IdKind::Network => "vpc",
             IdKind::Request => "req",
             IdKind::PlacementGroup => "pg",
+            IdKind::SecurityGroup => "sg",
+            IdKind::SecurityGroupRule => "sgr",
+            IdKind::KeyPair => "key",
+            IdKind::Address => "eipalloc",
+            IdKind::Association => "eipassoc",
         }
     }
 }
