@@ -8,7 +8,9 @@ pub mod error;
 mod images;
 mod instances;
 mod misc;
+mod networks;
 mod placement;
+mod security;
 mod streams;
 
 use axum::routing::{delete, get, post, put};

@@ -378,6 +378,7 @@ impl VmCmd {
                     site,
                     constraints,
                     placement_group,
+                    ..Default::default()
                 };
                 if count != 1 {
                     return create_batch(client, req, count, wait, idempotency_key, output).await;

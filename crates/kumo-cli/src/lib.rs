@@ -5,6 +5,8 @@ mod client;
 mod commands;
 mod config;
 mod groups;
+mod networks;
+mod security;
 mod streams;
 
 pub use client::{Client, ImageWithOperation};

@@ -84,7 +84,12 @@ impl Controller {
                 req.placement_group.as_deref(),
             )
             .await?;
-        let network = self.store.network(&self.cfg.default_network).await?;
+        // Network, security groups and key pair of the request, resolved within the project.
+        let network = self.resolve_network(scope, req.network.as_deref()).await?;
+        let security_group_ids = self
+            .resolve_security_groups(scope, &req.security_groups)
+            .await?;
+        let key_name = self.resolve_key_name(scope, req.key_name.as_deref()).await?;
         // The root disk is at least as large as the image.
         let image_gib = image.virtual_size.unwrap_or(0).div_ceil(1 << 30);
         let disk_gib = itype.disk_gib.max(image_gib);
@@ -107,6 +112,8 @@ impl Controller {
                     placement_group: group.clone(),
                     site: req.site.clone(),
                     constraints: req.constraints.clone(),
+                    security_group_ids: security_group_ids.clone(),
+                    key_name: key_name.clone(),
                 }
             })
             .collect();

@@ -7,8 +7,10 @@ mod error;
 mod hosts;
 mod images;
 mod instances;
+mod networks;
 mod placement;
 mod reconcile;
+mod security;
 
 use std::path::PathBuf;
 use std::sync::Arc;

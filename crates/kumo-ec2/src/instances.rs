@@ -517,6 +517,7 @@ pub async fn run(ctx: &Ctx<'_>, mut p: Params) -> Result<String, Ec2Error> {
         site: zone.clone(),
         constraints: vec![],
         placement_group: group.clone(),
+        ..Default::default()
     };
     let launch = |n: u32| {
         let extras = LaunchExtras {

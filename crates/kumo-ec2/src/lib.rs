@@ -3,6 +3,7 @@
 //! EC2 namespace and EC2's error codes. A thin front end: every action calls the same
 //! controller operations and store queries as the native API.
 
+mod addresses;
 mod error;
 mod filter;
 mod groups;
@@ -12,6 +13,7 @@ mod misc;
 mod page;
 mod params;
 mod render;
+mod security;
 mod xml;
 
 use std::sync::Arc;

@@ -73,6 +73,10 @@ pub struct NewInstance {
     pub placement_group: Option<crate::PlacementGroupRow>,
     pub site: Option<String>,
     pub constraints: Vec<String>,
+    /// Security group ids, in order (already resolved and checked to be the project's).
+    pub security_group_ids: Vec<String>,
+    /// A key pair name of the project (checked).
+    pub key_name: Option<String>,
 }
 
 #[derive(Debug, Clone)]

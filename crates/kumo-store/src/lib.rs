@@ -11,9 +11,11 @@ mod groups;
 mod hosts;
 mod images;
 mod instances;
+mod networks;
 mod ops;
 mod placement;
 mod secrets;
+mod security;
 
 use std::path::Path;
 use std::str::FromStr;

@@ -228,7 +228,7 @@ pub struct Instance {
     pub constraints: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct CreateInstance {
     pub name: String,
     /// Image id or name.
@@ -244,6 +244,18 @@ pub struct CreateInstance {
     /// A spread placement group (id or name) the instance joins.
     #[serde(default)]
     pub placement_group: Option<String>,
+    /// The network (id or name) of the instance's NIC; default: the project's `default` network.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Security groups (ids or names); default: the project's `default` group.
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+    /// A key pair whose public key the metadata service hands to the guest.
+    #[serde(default)]
+    pub key_name: Option<String>,
+    /// User data for the guest (cloud-init), as text.
+    #[serde(default)]
+    pub user_data: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

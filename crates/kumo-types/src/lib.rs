@@ -4,6 +4,8 @@
 pub mod agent;
 pub mod api;
 pub mod id;
+pub mod networks;
+pub mod security;
 pub mod state;
 
 pub use id::{new_id, IdKind};

@@ -244,6 +244,7 @@ pub async fn create_vm(cloud: &Cloud, name: &str) -> String {
         site: None,
         constraints: vec![],
         placement_group: None,
+        ..Default::default()
     };
     let i = cloud
         .client
@@ -659,6 +660,7 @@ async fn concurrent_launches_share_the_image_cache() {
         site: None,
         constraints: vec![],
         placement_group: None,
+        ..Default::default()
     };
     let c = &cloud.client;
     let (r1, r2, r3) = (req("c1"), req("c2"), req("c3"));

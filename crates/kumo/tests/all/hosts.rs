@@ -97,6 +97,7 @@ async fn host_states_placement_capacity_and_join_tokens() {
         site: None,
         constraints: vec![],
         placement_group: None,
+        ..Default::default()
     };
     let a = c.create_instance(&req("a"), None).await.expect("a");
     let host1 = c
@@ -267,6 +268,7 @@ async fn roles_spare_hosts_and_constraints() {
                     site: None,
                     constraints: vec![],
                     placement_group: None,
+                    ..Default::default()
                 },
                 None,
             )
@@ -299,6 +301,7 @@ async fn roles_spare_hosts_and_constraints() {
                 site: None,
                 constraints: vec!["role=core".into()],
                 placement_group: None,
+                ..Default::default()
             },
             None,
         )
@@ -314,6 +317,7 @@ async fn roles_spare_hosts_and_constraints() {
                 site: None,
                 constraints: vec!["role!=personal".into()],
                 placement_group: None,
+                ..Default::default()
             },
             None,
         )
@@ -331,6 +335,7 @@ async fn roles_spare_hosts_and_constraints() {
                 site: None,
                 constraints: vec!["role=storage".into()],
                 placement_group: None,
+                ..Default::default()
             },
             None,
         )
@@ -364,6 +369,7 @@ async fn roles_spare_hosts_and_constraints() {
                     site: None,
                     constraints: bad.iter().map(|s| s.to_string()).collect(),
                     placement_group: None,
+                    ..Default::default()
                 },
                 None,
             )

@@ -29,6 +29,7 @@ fn req(name: &str, img: &str, group: Option<&str>) -> CreateInstance {
         constraints: vec![],
         placement_group: group.map(String::from),
     }
+    ..Default::default()
 }
 
 #[tokio::test(flavor = "multi_thread")]

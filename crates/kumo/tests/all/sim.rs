@@ -74,6 +74,7 @@ pub fn create_req(name: &str, image: &str, itype: &str) -> CreateInstance {
         constraints: vec![],
         placement_group: None,
     }
+    ..Default::default()
 }
 
 /// HTTP status and error code of an API error; panics on any other outcome.

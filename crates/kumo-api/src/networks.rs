@@ -1,0 +1,1 @@
+//! REST endpoints for networks, the address pool and elastic IPs.

@@ -1,0 +1,1 @@
+//! REST endpoints for security groups and key pairs.

@@ -1,0 +1,1 @@
+//! `kumo network ...`, `kumo address-pool ...` and `kumo address ...`.

@@ -1,0 +1,1 @@
+//! `kumo sg ...` and `kumo key ...`.

@@ -1,0 +1,1 @@
+//! EC2 elastic IP (and VPC) actions.

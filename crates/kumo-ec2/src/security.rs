@@ -1,0 +1,1 @@
+//! EC2 security group and key pair actions.

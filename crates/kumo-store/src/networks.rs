@@ -1,0 +1,1 @@
+//! Tenant networks, the public address pool and elastic IPs.

@@ -1,0 +1,1 @@
+//! Security groups, their rules, instance memberships, and key pairs.

@@ -1,0 +1,1 @@
+//! Models of the native API for security groups and key pairs.
