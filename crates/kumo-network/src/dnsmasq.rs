@@ -84,7 +84,7 @@ pub(crate) fn args(net: &Network, paths: &Paths) -> Vec<String> {
         "--conf-file=/dev/null".to_string(),
         format!("--pid-file={}", paths.pid.display()),
         "--bind-interfaces".into(),
-        format!("--interface={}", net.bridge),
+        format!("--interface={}", crate::spec::ROUTER_INSIDE),
         "--except-interface=lo".into(),
         format!("--dhcp-range={},static,{},12h", net.network, net.netmask()),
         format!("--dhcp-hostsfile={}", paths.dhcp_hosts.display()),

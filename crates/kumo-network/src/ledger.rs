@@ -21,6 +21,12 @@ pub(crate) struct Ledger {
     /// Networks with a dnsmasq.
     #[serde(default)]
     pub networks: BTreeSet<String>,
+    /// VXLAN/VLAN devices, router veths and public veths (host ends).
+    #[serde(default)]
+    pub ports: BTreeSet<String>,
+    /// Router namespaces.
+    #[serde(default)]
+    pub routers: BTreeSet<String>,
 }
 
 pub(crate) fn path(state_dir: &Path) -> PathBuf {

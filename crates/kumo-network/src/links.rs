@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::error::NetworkError;
 use crate::ledger::Ledger;
 use crate::names::mac_for;
-use crate::spec::Network;
+use crate::spec::{Isolation, Network};
 
 /// One interface as printed by `ip -j -d addr show`.
 #[derive(Debug, Clone, Deserialize)]
@@ -18,6 +18,8 @@ pub(crate) struct Link {
     pub flags: Vec<String>,
     pub mtu: Option<u32>,
     pub master: Option<String>,
+    /// The lower device of a VLAN (`ip -j` prints it as "link").
+    pub link: Option<String>,
     pub address: Option<String>,
     pub linkinfo: Option<LinkInfo>,
     #[serde(default)]
@@ -60,7 +62,7 @@ impl Link {
         }
     }
 
-    fn ipv4_addrs(&self) -> Vec<(Ipv4Addr, u8)> {
+    pub(crate) fn ipv4_addrs(&self) -> Vec<(Ipv4Addr, u8)> {
         self.addr_info
             .iter()
             .filter(|a| a.family.as_deref() == Some("inet"))
@@ -92,6 +94,63 @@ pub(crate) struct LinkPlan {
     /// Bridges (re-)created by this plan: their dnsmasq must be restarted (its DHCP socket is bound to the
     /// old interface index).
     pub created_bridges: BTreeSet<String>,
+    /// Router and public veths (host ends) created by this plan: their namespace ends are new too.
+    pub created_veths: BTreeSet<String>,
+}
+
+/// Host facts the links depend on besides the desired networks.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Wiring {
+    /// This host's VXLAN source address; without one, VXLAN networks stay host-local.
+    pub tunnel: Option<Ipv4Addr>,
+    /// The 802.1Q trunk for VLAN networks.
+    pub trunk: Option<String>,
+    /// The bridge on the public network, for router namespaces' public veths.
+    pub public_bridge: Option<String>,
+    /// Network name → its router namespace.
+    pub routers: HashMap<String, String>,
+}
+
+impl Wiring {
+    /// The uplink device a network wants here, with the `ip link add` arguments after its name.
+    pub fn uplink(&self, net: &Network) -> Option<(String, String)> {
+        let name = net.uplink()?;
+        let mtu = net.mtu.map(|m| format!(" mtu {m}")).unwrap_or_default();
+        match net.isolation {
+            Isolation::Local => None,
+            Isolation::Vxlan { vni } => {
+                let local = self.tunnel?;
+                Some((
+                    name,
+                    format!("{mtu} type vxlan id {vni} local {local} dstport 4789"),
+                ))
+            }
+            Isolation::Vlan { tag } => {
+                let trunk = self.trunk.as_deref()?;
+                Some((name, format!(" link {trunk}{mtu} type vlan id {tag}")))
+            }
+        }
+    }
+}
+
+/// Whether an existing uplink matches what `uplink` would create.
+fn uplink_matches(link: &Link, net: &Network, wiring: &Wiring) -> bool {
+    let data = link.linkinfo.as_ref().and_then(|i| i.info_data.as_ref());
+    let field = |k: &str| data.and_then(|d| d.get(k)).cloned();
+    match net.isolation {
+        Isolation::Local => false,
+        Isolation::Vxlan { vni } => {
+            link.kind() == "vxlan"
+                && field("id").and_then(|v| v.as_u64()) == Some(u64::from(vni))
+                && field("local").and_then(|v| v.as_str().map(str::to_string))
+                    == wiring.tunnel.map(|t| t.to_string())
+        }
+        Isolation::Vlan { tag } => {
+            link.kind() == "vlan"
+                && field("id").and_then(|v| v.as_u64()) == Some(u64::from(tag))
+                && link.link.as_deref() == wiring.trunk.as_deref()
+        }
+    }
 }
 
 /// Computes the `ip` commands that make `links` match `desired`. Links named in `owned` (created by kumo
@@ -101,6 +160,7 @@ pub(crate) fn plan(
     desired: &[Network],
     owned: &Ledger,
     manage_lo: bool,
+    wiring: &Wiring,
 ) -> Result<LinkPlan, NetworkError> {
     let by_name: HashMap<&str, &Link> = links.iter().map(|l| (l.ifname.as_str(), l)).collect();
     let mut plan = LinkPlan::default();
@@ -124,6 +184,17 @@ pub(crate) fn plan(
         if !desired_taps.contains(tap.as_str()) && by_name.contains_key(tap.as_str()) {
             plan.batch.push(format!("link del dev {tap}"));
             plan.repairs.push(format!("removed tap {tap}"));
+        }
+    }
+    let desired_ports: BTreeSet<String> = desired
+        .iter()
+        .flat_map(|n| [n.uplink(), Some(n.router_port()), Some(n.public_port())])
+        .flatten()
+        .collect();
+    for port in &owned.ports {
+        if !desired_ports.contains(port) && by_name.contains_key(port.as_str()) {
+            plan.batch.push(format!("link del dev {port}"));
+            plan.repairs.push(format!("removed {port}"));
         }
     }
     for bridge in &owned.bridges {
@@ -152,15 +223,10 @@ pub(crate) fn plan(
             }
             other => other.copied(),
         };
-        let want_addr = (net.gateway, net.prefix);
         match existing {
             None => {
                 plan.batch
                     .push(format!("link add name {br} address {mac}{mtu} type bridge"));
-                plan.batch.push(format!(
-                    "address add {}/{} broadcast + dev {br}",
-                    net.gateway, net.prefix
-                ));
                 plan.batch.push(format!("link set dev {br} up"));
                 plan.created_bridges.insert(br.clone());
                 let verb = if owned.bridges.contains(br) {
@@ -182,24 +248,12 @@ pub(crate) fn plan(
                     plan.batch.push(format!("link set dev {br} address {mac}"));
                     plan.repairs.push(format!("reset MAC of bridge {br}"));
                 }
-                let have = link.ipv4_addrs();
-                for (addr, prefix) in &have {
-                    if (*addr, *prefix) != want_addr {
-                        plan.batch
-                            .push(format!("address del {addr}/{prefix} dev {br}"));
-                        plan.repairs
-                            .push(format!("removed stray address {addr}/{prefix} from {br}"));
-                    }
-                }
-                if !have.contains(&want_addr) {
-                    plan.batch.push(format!(
-                        "address add {}/{} broadcast + dev {br}",
-                        net.gateway, net.prefix
-                    ));
-                    plan.repairs.push(format!(
-                        "restored gateway address {}/{} on {br}",
-                        net.gateway, net.prefix
-                    ));
+                // The bridge is pure L2: the gateway lives in the network's router namespace.
+                for (addr, prefix) in link.ipv4_addrs() {
+                    plan.batch
+                        .push(format!("address del {addr}/{prefix} dev {br}"));
+                    plan.repairs
+                        .push(format!("removed stray address {addr}/{prefix} from {br}"));
                 }
                 if !link.is_up() {
                     plan.batch.push(format!("link set dev {br} up"));
@@ -263,6 +317,90 @@ pub(crate) fn plan(
             }
         }
     }
+
+    // 4. Uplinks (VXLAN/VLAN), router veths and public veths.
+    for net in desired {
+        let br = &net.bridge;
+        let bridge_created = plan.created_bridges.contains(br);
+        let mtu = net.mtu.map(|m| format!(" mtu {m}")).unwrap_or_default();
+        if let Some((name, args)) = wiring.uplink(net) {
+            let ok = by_name
+                .get(name.as_str())
+                .filter(|l| uplink_matches(l, net, wiring));
+            match ok {
+                Some(link) => {
+                    if bridge_created || link.master.as_deref() != Some(br.as_str()) {
+                        plan.batch.push(format!("link set dev {name} master {br}"));
+                    }
+                    if !link.is_up() {
+                        plan.batch.push(format!("link set dev {name} up"));
+                        plan.repairs.push(format!("brought {name} up"));
+                    }
+                }
+                None => {
+                    if by_name.contains_key(name.as_str()) {
+                        if !owned.ports.contains(&name) {
+                            let found = by_name
+                                .get(name.as_str())
+                                .map(|l| l.kind())
+                                .unwrap_or_default();
+                            return Err(NetworkError::Conflict {
+                                name,
+                                found,
+                                expected: "uplink",
+                            });
+                        }
+                        plan.batch.push(format!("link del dev {name}"));
+                    }
+                    plan.batch.push(format!("link add {name}{args}"));
+                    plan.batch
+                        .push(format!("link set dev {name} master {br} up"));
+                    plan.repairs.push(format!("created {name} for network {}", net.name));
+                }
+            }
+        }
+        let Some(router) = wiring.routers.get(&net.name) else {
+            continue;
+        };
+        let mut veths = vec![(net.router_port(), crate::spec::ROUTER_INSIDE, br.clone())];
+        if let Some(public) = &wiring.public_bridge {
+            veths.push((net.public_port(), crate::spec::ROUTER_OUTSIDE, public.clone()));
+        }
+        for (port, inside, master) in veths {
+            match by_name.get(port.as_str()) {
+                Some(link) if link.kind() == "veth" => {
+                    let rebridged = master == *br && bridge_created;
+                    if rebridged || link.master.as_deref() != Some(master.as_str()) {
+                        plan.batch.push(format!("link set dev {port} master {master}"));
+                    }
+                    if !link.is_up() {
+                        plan.batch.push(format!("link set dev {port} up"));
+                        plan.repairs.push(format!("brought {port} up"));
+                    }
+                }
+                other => {
+                    if let Some(link) = other {
+                        if !owned.ports.contains(&port) {
+                            return Err(NetworkError::Conflict {
+                                name: port,
+                                found: link.kind(),
+                                expected: "veth",
+                            });
+                        }
+                        plan.batch.push(format!("link del dev {port}"));
+                    }
+                    plan.batch.push(format!(
+                        "link add {port}{mtu} type veth peer name {inside} netns {router}"
+                    ));
+                    plan.batch
+                        .push(format!("link set dev {port} master {master} up"));
+                    plan.created_veths.insert(port.clone());
+                    let verb = if owned.ports.contains(&port) { "re-created" } else { "created" };
+                    plan.repairs.push(format!("{verb} {port} to router {router}"));
+                }
+            }
+        }
+    }
     Ok(plan)
 }
 
@@ -273,7 +411,7 @@ mod tests {
 
     const SAMPLE: &str = r#"[
  {"ifindex":1,"ifname":"lo","flags":["LOOPBACK","UP","LOWER_UP"],"mtu":65536,"address":"00:00:00:00:00:00","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8}]},
- {"ifindex":5,"ifname":"kb-default","flags":["BROADCAST","MULTICAST","UP"],"mtu":1500,"address":"MAC","linkinfo":{"info_kind":"bridge","info_data":{"stp_state":0}},"addr_info":[{"family":"inet","local":"10.77.0.1","prefixlen":24},{"family":"inet6","local":"fe80::1","prefixlen":64}]},
+ {"ifindex":5,"ifname":"kb-default","flags":["BROADCAST","MULTICAST","UP"],"mtu":1500,"address":"MAC","linkinfo":{"info_kind":"bridge","info_data":{"stp_state":0}},"addr_info":[{"family":"inet6","local":"fe80::1","prefixlen":64}]},
  {"ifindex":6,"ifname":"kt-a","flags":["NO-CARRIER","BROADCAST","MULTICAST","UP"],"mtu":1500,"master":"kb-default","address":"aa:bb:cc:dd:ee:01","linkinfo":{"info_kind":"tun","info_data":{"type":"tap"}},"addr_info":[]},
  {"ifindex":7,"ifname":"kt-old","flags":["BROADCAST","MULTICAST"],"mtu":1500,"master":"kb-default","linkinfo":{"info_kind":"tun","info_data":{"type":"tap"}},"addr_info":[]},
  {"ifindex":8,"ifname":"veth0","flags":["UP"],"mtu":1500,"master":"kb-default","linkinfo":{"info_kind":"veth"},"addr_info":[]}
@@ -316,7 +454,7 @@ mod tests {
         let owned = Ledger::default();
         let mut links = sample();
         links.retain(|l| l.ifname != "kt-old");
-        let plan = plan(&links, &desired(&["kt-a"]), &owned, true).unwrap();
+        let plan = plan(&links, &desired(&["kt-a"]), &owned, true, &Wiring::default()).unwrap();
         assert!(plan.batch.is_empty(), "{:?}", plan.batch);
         assert!(plan.repairs.is_empty());
     }
@@ -326,7 +464,7 @@ mod tests {
         let mut owned = Ledger::default();
         owned.taps.insert("kt-old".into());
         owned.bridges.insert("kb-default".into());
-        let plan = plan(&sample(), &desired(&["kt-a", "kt-b"]), &owned, true).unwrap();
+        let plan = plan(&sample(), &desired(&["kt-a", "kt-b"]), &owned, true, &Wiring::default()).unwrap();
         assert_eq!(
             plan.batch,
             vec![
@@ -346,7 +484,7 @@ mod tests {
         let mut links = sample();
         links.retain(|l| l.ifname != "kb-default" && l.ifname != "kt-old");
         links[1].master = None;
-        let plan = plan(&links, &desired(&["kt-a"]), &owned, true).unwrap();
+        let plan = plan(&links, &desired(&["kt-a"]), &owned, true, &Wiring::default()).unwrap();
         assert!(plan.created_bridges.contains("kb-default"));
         assert!(plan
             .batch
@@ -360,7 +498,7 @@ mod tests {
     #[test]
     fn refuses_to_replace_foreign_interface() {
         let links = sample();
-        let err = plan(&links, &desired(&["veth0"]), &Ledger::default(), true).unwrap_err();
+        let err = plan(&links, &desired(&["veth0"]), &Ledger::default(), true, &Wiring::default()).unwrap_err();
         assert!(matches!(err, NetworkError::Conflict { .. }));
     }
 }

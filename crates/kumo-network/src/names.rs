@@ -25,6 +25,14 @@ pub fn short_hash(seed: &str) -> String {
     hex::encode(Sha256::digest(seed.as_bytes()))[..12].to_string()
 }
 
+/// Short key naming a network's devices: its bridge name after `kb-`, or 12 hex chars of a hash of it.
+pub(crate) fn network_key(bridge: &str) -> String {
+    match bridge.strip_prefix(crate::BRIDGE_PREFIX) {
+        Some(k) if !k.is_empty() && k.len() <= 12 => k.to_string(),
+        _ => short_hash(bridge),
+    }
+}
+
 /// A deterministic, locally administered, unicast MAC address derived from `seed`:
 /// `02:` followed by 40 bits of SHA-256(seed).
 pub fn mac_for(seed: &str) -> String {

@@ -86,10 +86,7 @@ impl Network {
 
     /// Short key naming this network's devices: the bridge name after `kb-`, or 12 hex chars of a hash.
     pub fn key(&self) -> String {
-        match self.bridge.strip_prefix(crate::BRIDGE_PREFIX) {
-            Some(k) if !k.is_empty() && k.len() <= 12 => k.to_string(),
-            _ => crate::names::short_hash(&self.bridge),
-        }
+        crate::names::network_key(&self.bridge)
     }
 
     /// The VXLAN or VLAN device on the bridge that carries the network to other hosts.

@@ -1,0 +1,143 @@
+//! A network's router namespace: the gateway address (and its fixed MAC) on `int0`, the metadata address on
+//! `lo`, elastic IPs on `ext0` with the public pool's routes. Each network routes in its own namespace, so two
+//! projects may use the same CIDR on one host. The veths themselves are made from the host side (links.rs).
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::cmd;
+use crate::error::NetworkError;
+use crate::links::{parse_links, Link};
+use crate::netns;
+use crate::spec::{Network, PublicNetwork, METADATA_IP, ROUTER_INSIDE, ROUTER_OUTSIDE};
+
+/// Creates the namespace (with forwarding on) unless it exists; returns whether it did.
+pub(crate) async fn ensure(ip: &Path, ns: &str) -> Result<bool, NetworkError> {
+    if netns::exists(ns) {
+        return Ok(false);
+    }
+    netns::create(ip, ns).await?;
+    let args: Vec<String> = ["netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]
+        .map(String::from)
+        .to_vec();
+    cmd::run(ip, &args, None).await?;
+    Ok(true)
+}
+
+#[derive(Debug, Deserialize)]
+struct Route {
+    dst: String,
+    gateway: Option<String>,
+    dev: Option<String>,
+}
+
+fn has_addr(link: &Link, addr: Ipv4Addr, prefix: u8) -> bool {
+    link.ipv4_addrs().contains(&(addr, prefix))
+}
+
+/// Makes the router namespace `ns` hold exactly the addresses and routes of `net`; returns the repairs.
+pub(crate) async fn apply(
+    ip: &Path,
+    ns: &str,
+    net: &Network,
+    public: Option<&PublicNetwork>,
+) -> Result<Vec<String>, NetworkError> {
+    let show: Vec<String> = ["-n", ns, "-j", "-d", "addr", "show"].map(String::from).to_vec();
+    let links = parse_links(&cmd::describe(ip, &show), &cmd::run(ip, &show, None).await?)?;
+    let find = |name: &str| links.iter().find(|l| l.ifname == name);
+    let mut batch = Vec::new();
+    let mut repairs = Vec::new();
+
+    if let Some(lo) = find("lo") {
+        if !lo.is_up() {
+            batch.push("link set lo up".to_string());
+        }
+        if !has_addr(lo, METADATA_IP, 32) {
+            batch.push(format!("address add {METADATA_IP}/32 dev lo"));
+            repairs.push(format!("{ns}: added the metadata address"));
+        }
+    }
+    if let Some(int) = find(ROUTER_INSIDE) {
+        let mac = net.gateway_mac();
+        if int.address.as_deref().map(str::to_ascii_lowercase) != Some(mac.clone()) {
+            batch.push(format!("link set dev {ROUTER_INSIDE} address {mac}"));
+        }
+        for (a, p) in int.ipv4_addrs() {
+            if (a, p) != (net.gateway, net.prefix) {
+                batch.push(format!("address del {a}/{p} dev {ROUTER_INSIDE}"));
+                repairs.push(format!("{ns}: removed stray address {a}/{p}"));
+            }
+        }
+        if !has_addr(int, net.gateway, net.prefix) {
+            batch.push(format!(
+                "address add {}/{} dev {ROUTER_INSIDE}",
+                net.gateway, net.prefix
+            ));
+            repairs.push(format!("{ns}: set gateway {}/{}", net.gateway, net.prefix));
+        }
+        if !int.is_up() {
+            batch.push(format!("link set dev {ROUTER_INSIDE} up"));
+        }
+    }
+    let mut routes_wanted = Vec::new();
+    if let (Some(ext), Some(public)) = (find(ROUTER_OUTSIDE), public) {
+        let want: BTreeSet<Ipv4Addr> = net.ports.iter().filter_map(|p| p.public_ip).collect();
+        for (a, p) in ext.ipv4_addrs() {
+            if p != 32 || !want.contains(&a) {
+                batch.push(format!("address del {a}/{p} dev {ROUTER_OUTSIDE}"));
+                repairs.push(format!("{ns}: removed elastic IP {a}"));
+            }
+        }
+        for a in &want {
+            if !has_addr(ext, *a, 32) {
+                batch.push(format!("address add {a}/32 dev {ROUTER_OUTSIDE}"));
+                repairs.push(format!("{ns}: added elastic IP {a}"));
+            }
+        }
+        if !ext.is_up() {
+            batch.push(format!("link set dev {ROUTER_OUTSIDE} up"));
+        }
+        routes_wanted.push((public.cidr.clone(), None));
+        routes_wanted.push(("default".to_string(), Some(public.gateway.clone())));
+    }
+    if !batch.is_empty() {
+        run_batch(ip, ns, &batch).await?;
+    }
+    // Routes after addresses and links are up: a route over a down link is refused.
+    if !routes_wanted.is_empty() {
+        let show: Vec<String> = ["-n", ns, "-j", "route", "show"].map(String::from).to_vec();
+        let out = cmd::run(ip, &show, None).await?;
+        let routes: Vec<Route> =
+            serde_json::from_str(&out).map_err(|source| NetworkError::Parse {
+                command: cmd::describe(ip, &show),
+                source,
+            })?;
+        let mut lines = Vec::new();
+        for (dst, via) in routes_wanted {
+            let present = routes.iter().any(|r| {
+                r.dst == dst && r.dev.as_deref() == Some(ROUTER_OUTSIDE) && r.gateway == via
+            });
+            if !present {
+                match &via {
+                    Some(gw) => lines.push(format!("route replace {dst} via {gw} dev {ROUTER_OUTSIDE}")),
+                    None => lines.push(format!("route replace {dst} dev {ROUTER_OUTSIDE}")),
+                }
+                repairs.push(format!("{ns}: route {dst}"));
+            }
+        }
+        if !lines.is_empty() {
+            run_batch(ip, ns, &lines).await?;
+        }
+    }
+    Ok(repairs)
+}
+
+async fn run_batch(ip: &Path, ns: &str, lines: &[String]) -> Result<(), NetworkError> {
+    let mut input = lines.join("\n");
+    input.push('\n');
+    let args: Vec<String> = ["-n", ns, "-batch", "-"].map(String::from).to_vec();
+    cmd::run(ip, &args, Some(&input)).await.map(|_| ())
+}
