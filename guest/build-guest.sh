@@ -267,7 +267,7 @@ BUSYBOX="$WORK/bb/bin/busybox"
 # Applet list from the binary itself (static amd64 — runs on the build host); if it cannot run
 # here, the guest installs its links at boot instead.
 APPLETS=$("$BUSYBOX" --list-full 2>/dev/null || true)
-for a in sh init mount insmod udhcpc httpd acpid mke2fs poweroff ip hostname cttyhack sync mv; do
+for a in sh init mount insmod udhcpc httpd acpid mke2fs poweroff ip hostname cttyhack sync mv wget nc sed timeout; do
     [[ -z $APPLETS ]] || grep -qE "(^|/)$a\$" <<<"$APPLETS" || die "busybox-static $BB_VERSION lacks the '$a' applet"
 done
 
@@ -448,6 +448,7 @@ bound | renew)
     echo "$ip" >/run/kumo-ip
     if [ "$old" != "$ip" ]; then
         echo "KUMO-GUEST-IP $ip" >/dev/console
+        /etc/kumo/metadata </dev/null >/dev/null 2>&1 &
     fi
     ;;
 leasefail | nak)
@@ -455,6 +456,29 @@ leasefail | nak)
     ;;
 esac
 exit 0
+EOF
+
+cat >"$R/etc/kumo/metadata" <<'EOF'
+#!/bin/sh
+# Reads this guest's metadata (IMDSv1, then IMDSv2 with a token taken by PUT) and serves what it got
+# under /www/md/; reports on the console. busybox wget cannot PUT: the token request goes through nc.
+MD=http://169.254.169.254
+mkdir -p /www/md
+get() { timeout 10 wget -q -O "$2" ${3:+--header "$3"} "$MD/$1" 2>/dev/null; }
+i=0
+while [ $i -lt 30 ]; do
+    get latest/meta-data/instance-id /www/md/instance-id && break
+    i=$((i + 1)); sleep 1
+done
+get latest/user-data /www/md/user-data || rm -f /www/md/user-data
+get latest/meta-data/local-ipv4 /www/md/local-ipv4
+get latest/meta-data/public-ipv4 /www/md/public-ipv4 || rm -f /www/md/public-ipv4
+TOKEN=$(printf 'PUT /latest/api/token HTTP/1.0\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\n\r\n' |
+    timeout 10 nc 169.254.169.254 80 | sed '1,/^\r*$/d')
+if [ -n "$TOKEN" ]; then
+    get latest/meta-data/instance-id /www/md/instance-id-v2 "X-aws-ec2-metadata-token: $TOKEN"
+fi
+echo "KUMO-GUEST-METADATA instance-id=$(cat /www/md/instance-id 2>/dev/null) v2=$(cat /www/md/instance-id-v2 2>/dev/null)" >/dev/console
 EOF
 
 cat >"$R/etc/acpi/PWRF/00000080" <<'EOF'
@@ -476,7 +500,7 @@ printf '127.0.0.1 localhost\n' >"$R/etc/hosts"
 : >"$R/etc/resolv.conf"
 
 chmod 0755 "$R/init" "$R/etc/init.d/rcS" "$R/etc/init.d/rcK" "$R/etc/kumo/counter" \
-    "$R/etc/kumo/udhcpc.script" "$R/etc/acpi/PWRF/00000080"
+    "$R/etc/kumo/udhcpc.script" "$R/etc/kumo/metadata" "$R/etc/acpi/PWRF/00000080"
 
 # ---------------------------------------------------------------- cpio (newc) writer
 # Written in bash (the format is ASCII headers + data) so that we need no cpio tool, no root for

@@ -149,7 +149,7 @@ impl Agent {
             address: self.address.clone(),
             info: self.info.clone(),
             vms: self.observe_all().await,
-            repairs: vec![],
+            repairs: self.take_repairs(),
         };
         let url = format!("{}/api/v1/agent/heartbeat", self.identity.controller);
         let resp = self
@@ -161,14 +161,17 @@ impl Agent {
             ))
             .json(&hb)
             .send()
-            .await
-            .map_err(|e| AgentError::Controller(chain(&e)))?;
-        if !resp.status().is_success() {
-            return Err(AgentError::Controller(format!(
-                "heartbeat answered {}",
-                resp.status()
-            )));
-        }
+            .await;
+        let resp = match resp {
+            Ok(r) if r.status().is_success() => r,
+            other => {
+                self.restore_repairs(hb.repairs);
+                return Err(AgentError::Controller(match other {
+                    Ok(r) => format!("heartbeat answered {}", r.status()),
+                    Err(e) => chain(&e),
+                }));
+            }
+        };
         let r: HeartbeatResponse = resp.json().await.unwrap_or_default();
         for id in r.delete {
             tracing::info!(vm = %id, "controller does not want this VM; removing it");

@@ -158,8 +158,8 @@ async fn tcp(
     Path((id, port)): Path<(String, u16)>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, HttpError> {
-    let ip = a
-        .vm_ip(&id)
+    let (router_ns, ip) = a
+        .vm_target(&id)
         .await
         .ok_or_else(|| HttpError(StatusCode::NOT_FOUND, format!("no VM {id} on this host")))?;
     let net = a
@@ -168,7 +168,7 @@ async fn tcp(
     let ip: std::net::IpAddr = ip
         .parse()
         .map_err(|_| HttpError(StatusCode::INTERNAL_SERVER_ERROR, "bad VM address".into()))?;
-    let stream = net.connect_tcp(ip, port).await.map_err(|e| {
+    let stream = net.connect_tcp(&router_ns, ip, port).await.map_err(|e| {
         HttpError(
             StatusCode::BAD_GATEWAY,
             format!("cannot connect to {ip}:{port}: {}", chain(&e)),

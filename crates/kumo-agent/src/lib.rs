@@ -9,6 +9,7 @@ mod heartbeat;
 mod http;
 mod ledger;
 pub mod metadata;
+mod tenant;
 mod vms;
 
 use std::path::PathBuf;
@@ -46,6 +47,16 @@ pub struct Config {
     pub labels: std::collections::BTreeMap<String, String>,
     /// The storage pool of this host's VM disks (empty: the host's own local pool).
     pub storage_pool: String,
+    /// How often the network policy is fetched and the host's networks re-rendered (drift repair).
+    pub network_interval: Duration,
+    /// Prefix of router namespace names (unique per machine; default from `vm_netns` or "kumo-").
+    pub router_prefix: Option<String>,
+    /// This host's VXLAN source address.
+    pub tunnel_ip: Option<std::net::Ipv4Addr>,
+    /// 802.1Q trunk interface for VLAN networks.
+    pub trunk: Option<String>,
+    /// Existing bridge on the public network (elastic IPs).
+    pub public_bridge: Option<String>,
 }
 
 pub struct Agent {
@@ -58,6 +69,7 @@ pub struct Agent {
     vms: vms::Vms,
     http: reqwest::Client,
     beat: tokio::sync::Notify,
+    tenant: Arc<tenant::TenantState>,
     /// One lock per image id: VMs starting together fetch a shared image once.
     image_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -100,13 +112,23 @@ pub async fn start(cfg: Config) -> Result<Arc<Agent>, AgentError> {
         }
     };
     let net = if cfg.hypervisor == "qemu" {
-        Some(HostNetwork::new(cfg.vm_netns.clone(), cfg.data_dir.join("net")).await?)
+        let router_prefix = cfg.router_prefix.clone().unwrap_or_else(|| {
+            format!("{}-r-", cfg.vm_netns.as_deref().unwrap_or("kumo"))
+        });
+        let opts = kumo_network::HostOptions {
+            router_prefix,
+            tunnel_ip: cfg.tunnel_ip,
+            trunk: cfg.trunk.clone(),
+            public_bridge: cfg.public_bridge.clone(),
+        };
+        Some(HostNetwork::new(cfg.vm_netns.clone(), cfg.data_dir.join("net"), opts).await?)
     } else {
         None
     };
     let mut info = heartbeat::host_info(hv.as_ref()).await;
     info.labels = cfg.labels.clone();
     info.storage_pool = cfg.storage_pool.clone();
+    info.tunnel_ip = cfg.tunnel_ip.map(|t| t.to_string()).unwrap_or_default();
     // Simulated VMs take no disk: a sim host leaves disk unchecked (0).
     if cfg.hypervisor == "qemu" {
         info.disk_gib = heartbeat::disk_gib(&cfg.data_dir);
@@ -132,6 +154,7 @@ pub async fn start(cfg: Config) -> Result<Arc<Agent>, AgentError> {
         vms,
         http,
         beat: tokio::sync::Notify::new(),
+        tenant: Default::default(),
         image_locks: Default::default(),
     });
     agent.resume().await;

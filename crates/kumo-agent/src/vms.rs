@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kumo_hypervisor::{DiskSpec, NicSpec, PowerState, VmSpec};
-use kumo_network::{NetworkSpec, PortSpec};
 use kumo_types::agent::{DesiredPower, ObservedPower, VmDesired, VmObserved};
 use tokio::sync::{Mutex, Notify};
 
@@ -52,19 +51,6 @@ impl Vms {
             map: Mutex::new(map),
         })
     }
-}
-
-/// Bridge name for a network: short and stable.
-fn bridge_name(network_id: &str) -> String {
-    let tail: String = network_id
-        .chars()
-        .rev()
-        .take(12)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    format!("kb-{tail}")
 }
 
 impl Agent {
@@ -287,6 +273,10 @@ impl Agent {
             Some(k) => Some(self.cached_image(k).await?),
             None => None,
         };
+        // The VM's security groups, elastic IP and metadata must be in place before it boots.
+        if let Err(e) = self.refresh_policy().await {
+            tracing::warn!(vm = %d.id, error = %chain(&e), "starting with the last known network policy");
+        }
         self.apply_network().await?;
         let cmdline = kernel.as_ref().map(|_| {
             let base = d.cmdline.clone().unwrap_or_else(|| "console=ttyS0".into());
@@ -311,42 +301,6 @@ impl Agent {
             cmdline,
             netns: self.cfg.vm_netns.clone(),
         })
-    }
-
-    /// Render the host's networks from every VM the agent has; returns the repairs made.
-    pub(crate) async fn apply_network(&self) -> Result<Vec<String>, AgentError> {
-        let Some(net) = &self.net else {
-            return Ok(vec![]);
-        };
-        let mut nets: HashMap<String, (NetworkSpec, Vec<PortSpec>)> = HashMap::new();
-        for e in self.vms.map.lock().await.values() {
-            let n = &e.rec.desired.nic;
-            let entry = nets.entry(n.network.id.clone()).or_insert_with(|| {
-                (
-                    NetworkSpec {
-                        name: n.network.name.clone(),
-                        bridge: bridge_name(&n.network.id),
-                        cidr: n.network.cidr.clone(),
-                        gateway: n.network.gateway.clone(),
-                        mtu: None,
-                        isolation: kumo_network::Isolation::Local,
-                        peers: vec![],
-                    },
-                    vec![],
-                )
-            });
-            entry.1.push(PortSpec {
-                tap: kumo_network::tap_name(&e.rec.desired.id),
-                mac: n.mac.clone(),
-                ip: n.ip.clone(),
-                hostname: e.rec.desired.name.clone(),
-                groups: vec![],
-                public_ip: None,
-            });
-        }
-        let mut list: Vec<_> = nets.into_values().collect();
-        list.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-        Ok(net.apply(&list).await?)
     }
 
     /// Remove a VM and everything it has on this host. Idempotent.
@@ -388,28 +342,7 @@ impl Agent {
         self.hv.serial_socket(id)
     }
 
-    pub async fn vm_ip(&self, id: &str) -> Option<String> {
-        self.vms
-            .map
-            .lock()
-            .await
-            .get(id)
-            .map(|e| e.rec.desired.nic.ip.clone())
-    }
-
     pub fn network(&self) -> Option<&kumo_network::HostNetwork> {
         self.net.as_ref()
-    }
-
-    /// Periodic re-render of the network, so drift (a killed dnsmasq, a deleted tap) is repaired.
-    pub(crate) async fn network_loop(self: Arc<Self>) {
-        loop {
-            tokio::time::sleep(std::time::Duration::from_secs(15)).await;
-            match self.apply_network().await {
-                Ok(r) if !r.is_empty() => tracing::warn!(repairs = ?r, "repaired network drift"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %chain(&e), "network apply failed"),
-            }
-        }
     }
 }

@@ -46,6 +46,15 @@ pub async fn register(
     Ok((StatusCode::CREATED, Json(resp)))
 }
 
+/// The host's network policy (networks, security groups, elastic IPs, metadata) for its agent to render.
+pub async fn network_policy(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<kumo_types::agent::NetworkPolicy>, ApiError> {
+    let host = host_from_bearer(&st, &headers).await?;
+    Ok(Json(st.ctl.network_policy(&host.id).await?))
+}
+
 pub async fn heartbeat(
     State(st): State<AppState>,
     headers: HeaderMap,

@@ -65,6 +65,12 @@ impl Controller {
             self.system_event(None, "host.up", &host.id, "ok", None)
                 .await;
         }
+        if !hb.repairs.is_empty() {
+            // Drift the agent found in its networks and put back (a deleted rule, a killed dnsmasq...).
+            let detail = hb.repairs.join("; ");
+            self.system_event(None, "host.network.repaired", &host.id, "ok", Some(detail))
+                .await;
+        }
         let mut live: std::collections::HashMap<String, InstanceRow> = self
             .store
             .instances_on_host(&host.id)

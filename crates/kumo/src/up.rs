@@ -219,6 +219,11 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         capacity: None,
         labels: vec![],
         storage_pool: String::new(),
+        network_interval: 5,
+        router_netns_prefix: None,
+        tunnel_ip: None,
+        trunk: None,
+        public_bridge: None,
     };
     let agent = kumo_agent::start(server::agent_config(&aargs)).await?;
     ensure_demo_image(&ctl, &data).await?;
@@ -463,7 +468,13 @@ pub async fn down(a: DownArgs) -> anyhow::Result<()> {
         hv.kill(&vm.id).await?;
         println!("stopped {}", vm.id);
     }
-    let net = kumo_network::HostNetwork::new(Some(a.netns.clone()), agent_dir.join("net")).await?;
+    // Teardown removes what the ledger lists (router namespaces included); the options only name new ones.
+    let opts = kumo_network::HostOptions {
+        router_prefix: format!("{}-r-", a.netns),
+        ..Default::default()
+    };
+    let net =
+        kumo_network::HostNetwork::new(Some(a.netns.clone()), agent_dir.join("net"), opts).await?;
     net.teardown().await?;
     println!("removed network namespace {}", a.netns);
     Ok(())

@@ -30,7 +30,6 @@ fn create_req(name: &str) -> CreateInstance {
         "instance_type": "t1.nano",
     }))
     .expect("a CreateInstance")
-    ..Default::default()
 }
 
 async fn wait_state(c: &Client, id: &str, want: InstanceState, timeout: Duration) -> Instance {

@@ -28,8 +28,8 @@ fn req(name: &str, img: &str, group: Option<&str>) -> CreateInstance {
         site: None,
         constraints: vec![],
         placement_group: group.map(String::from),
+        ..Default::default()
     }
-    ..Default::default()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -73,8 +73,8 @@ pub fn create_req(name: &str, image: &str, itype: &str) -> CreateInstance {
         site: None,
         constraints: vec![],
         placement_group: None,
+        ..Default::default()
     }
-    ..Default::default()
 }
 
 /// HTTP status and error code of an API error; panics on any other outcome.
