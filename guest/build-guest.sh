@@ -475,10 +475,12 @@ get latest/meta-data/local-ipv4 /www/md/local-ipv4
 get latest/meta-data/public-ipv4 /www/md/public-ipv4 || rm -f /www/md/public-ipv4
 TOKEN=$(printf 'PUT /latest/api/token HTTP/1.0\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\n\r\n' |
     timeout 10 nc 169.254.169.254 80 | sed '1,/^\r*$/d')
+V2=none
 if [ -n "$TOKEN" ]; then
     get latest/meta-data/instance-id /www/md/instance-id-v2 "X-aws-ec2-metadata-token: $TOKEN"
+    V2=$?
 fi
-echo "KUMO-GUEST-METADATA instance-id=$(cat /www/md/instance-id 2>/dev/null) v2=$(cat /www/md/instance-id-v2 2>/dev/null)" >/dev/console
+echo "KUMO-GUEST-METADATA instance-id=$(cat /www/md/instance-id 2>/dev/null) v2=$(cat /www/md/instance-id-v2 2>/dev/null) token-length=${#TOKEN} v2-status=$V2" >/dev/console
 EOF
 
 cat >"$R/etc/acpi/PWRF/00000080" <<'EOF'

@@ -12,6 +12,9 @@ pub const DEFAULT_TYPE: &str = "t1.small";
 /// Instances one request may create.
 pub const MAX_BATCH: u32 = 1000;
 
+/// EC2's limit on user data (before base64).
+const MAX_USER_DATA: usize = 16 * 1024;
+
 impl Controller {
     pub async fn create_instance(
         &self,
@@ -62,6 +65,11 @@ impl Controller {
                 )),
                 other => other.into(),
             })?;
+        if req.user_data.as_ref().is_some_and(|u| u.len() > MAX_USER_DATA) {
+            return Err(OpError::Invalid(format!(
+                "user data is limited to {MAX_USER_DATA} bytes"
+            )));
+        }
         if image.kind != "disk" {
             return Err(OpError::Invalid(format!(
                 "image {} is a {} image; instances boot from disk images",
@@ -99,7 +107,10 @@ impl Controller {
         };
         let news: Vec<NewInstance> = (0..count)
             .map(|n| {
-                let (name, extras) = each(n);
+                let (name, mut extras) = each(n);
+                if extras.user_data.is_none() {
+                    extras.user_data = req.user_data.clone();
+                }
                 NewInstance {
                     name,
                     image_id: image.id.clone(),

@@ -1,1 +1,723 @@
-//! nftables rulesets rendered whole from the desired state (see the module's functions).
+//! nftables rulesets rendered whole from the desired state, applied atomically (`nft -f`), and checked
+//! for drift against what was applied.
+//!
+//! **Host namespace**: two tables, replaced together in one transaction ([`render_host`]).
+//! - `bridge kumo`: anti-spoofing on VM taps, uplink hygiene, and packet marks. The `ports_in` chain
+//!   (prerouting) sets the mark's upper 16 bits to the *port number* of the ingress port: VM taps of all
+//!   networks sorted by name are numbered 1, 2, …; a router port is 0xffff; an uplink 0. The `ports_out`
+//!   chain (forward; it runs once per egress port, flooded frames included) ORs the *ingress profile* of
+//!   the egress tap into the lower 16 bits. A profile is a distinct set of security groups, numbered 1, 2,
+//!   … in the order of the sorted group lists. nft 1.0.6 can only OR constants into the mark, hence one
+//!   one-rule chain per profile behind a verdict map: per profile, not per port, keeps it small.
+//! - `inet kumo`: br_netfilter passes bridged IPv4 through the inet forward hook with conntrack (there
+//!   `iifname` is the bridge, hence the marks). `vm_filter` accepts established traffic, the gateway's
+//!   services, then jumps to the sending port's egress chain and the receiving profile's ingress chain;
+//!   their allow rules `return` and they end in `drop`. Each bridge gets its own conntrack zone so that
+//!   two networks with the same CIDR never share connection state.
+//!
+//! **Router namespace** ([`render_router`]): `inet kumo` with elastic IP DNAT/SNAT maps, forward policy
+//! drop, and nothing reachable on the router itself from `ext0` but replies.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use crate::error::NetworkError;
+use crate::spec::{
+    self, GroupPolicy, Network, NetworkSpec, Port, PortSpec, PublicNetwork, RulePolicy,
+    METADATA_IP, ROUTER_INSIDE, ROUTER_OUTSIDE,
+};
+
+/// The tables [`render_host`] replaces, as (family, name).
+pub const HOST_TABLES: &[(&str, &str)] = &[("bridge", "kumo"), ("inet", "kumo")];
+/// The table [`render_router`] replaces.
+pub const ROUTER_TABLES: &[(&str, &str)] = &[("inet", "kumo")];
+
+/// Upper half of the mark of frames from a router port (taps use 1..=MAX_PORTS).
+const ROUTER_MARK: u32 = 0xffff_0000;
+const MAX_PORTS: usize = 0xfffe;
+
+// ---------------------------------------------------------------------------------------------------
+// Security group rules, parsed.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    All,
+    Icmp,
+    /// "tcp" or "udp", with an inclusive port range (None = all ports).
+    Ports(&'static str, Option<(u16, u16)>),
+}
+
+/// A rule reduced to what nft needs; `peers: None` = any IPv4 address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rule {
+    proto: Proto,
+    peers: Option<Vec<(Ipv4Addr, u8)>>,
+}
+
+fn mask(prefix: u8) -> u32 {
+    if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix))
+    }
+}
+
+/// An IPv4 CIDR (host bits cleared) or bare address; `Ok(None)` for IPv6, which VMs cannot use anyway.
+fn parse_v4_cidr(s: &str) -> Result<Option<(Ipv4Addr, u8)>, String> {
+    let (addr, prefix) = s.split_once('/').unwrap_or((s, ""));
+    if let Ok(a) = addr.parse::<Ipv4Addr>() {
+        let p = if prefix.is_empty() {
+            32
+        } else {
+            prefix
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= 32)
+                .ok_or_else(|| format!("{s:?} has a bad prefix length"))?
+        };
+        return Ok(Some((Ipv4Addr::from(u32::from(a) & mask(p)), p)));
+    }
+    let v6_prefix_ok = prefix.is_empty() || prefix.parse::<u8>().is_ok_and(|p| p <= 128);
+    if addr.parse::<std::net::Ipv6Addr>().is_ok() && v6_prefix_ok {
+        return Ok(None);
+    }
+    Err(format!("{s:?} is not a CIDR"))
+}
+
+fn covers(outer: (Ipv4Addr, u8), inner: (Ipv4Addr, u8)) -> bool {
+    outer.1 <= inner.1 && u32::from(inner.0) & mask(outer.1) == u32::from(outer.0)
+}
+
+/// Parses a rule; `Ok(None)` when it can match no IPv4 traffic (no IPv4 peers).
+fn parse_rule(r: &RulePolicy) -> Result<Option<Rule>, String> {
+    let proto = match r.protocol.as_str() {
+        "all" | "icmp" => {
+            if r.from_port.is_some() || r.to_port.is_some() {
+                return Err(format!("{} rules take no ports", r.protocol));
+            }
+            if r.protocol == "all" {
+                Proto::All
+            } else {
+                Proto::Icmp
+            }
+        }
+        "tcp" | "udp" => {
+            let name = if r.protocol == "tcp" { "tcp" } else { "udp" };
+            let range = match (r.from_port, r.to_port) {
+                (None, None) => None,
+                (Some(a), None) | (None, Some(a)) => Some((a, a)),
+                (Some(a), Some(b)) if a > b => {
+                    return Err(format!("port range {a}-{b} is empty"));
+                }
+                (Some(0), Some(u16::MAX)) => None,
+                (Some(a), Some(b)) => Some((a, b)),
+            };
+            Proto::Ports(name, range)
+        }
+        other => {
+            return Err(format!(
+                "protocol {other:?} is not one of tcp, udp, icmp, all"
+            ))
+        }
+    };
+    let mut nets = Vec::new();
+    for s in &r.sources {
+        if let Some(n) = parse_v4_cidr(s)? {
+            nets.push(n);
+        }
+    }
+    if nets.is_empty() {
+        return Ok(None);
+    }
+    if nets.iter().any(|n| n.1 == 0) {
+        return Ok(Some(Rule { proto, peers: None }));
+    }
+    // Widest first, so that covered ranges drop out: nft rejects overlapping intervals in one set.
+    nets.sort_by_key(|n| (n.1, n.0));
+    let mut kept: Vec<(Ipv4Addr, u8)> = Vec::new();
+    for n in nets {
+        if !kept.iter().any(|k| covers(*k, n)) {
+            kept.push(n);
+        }
+    }
+    kept.sort();
+    Ok(Some(Rule {
+        proto,
+        peers: Some(kept),
+    }))
+}
+
+fn cidr_text((addr, prefix): (Ipv4Addr, u8)) -> String {
+    if prefix == 32 {
+        addr.to_string()
+    } else {
+        format!("{addr}/{prefix}")
+    }
+}
+
+/// One nft allow rule: `ip saddr` (ingress) or `ip daddr` (egress) peers, protocol, `return`.
+fn rule_text(rule: &Rule, peer_field: &str) -> String {
+    let mut s = String::new();
+    if let Some(peers) = &rule.peers {
+        let list: Vec<String> = peers.iter().map(|p| cidr_text(*p)).collect();
+        if list.len() == 1 {
+            s.push_str(&format!("ip {peer_field} {} ", list[0]));
+        } else {
+            s.push_str(&format!("ip {peer_field} {{ {} }} ", list.join(", ")));
+        }
+    }
+    match rule.proto {
+        Proto::All => {}
+        Proto::Icmp => s.push_str("meta l4proto icmp "),
+        Proto::Ports(p, None) => s.push_str(&format!("meta l4proto {p} ")),
+        Proto::Ports(p, Some((a, b))) if a == b => s.push_str(&format!("{p} dport {a} ")),
+        Proto::Ports(p, Some((a, b))) => s.push_str(&format!("{p} dport {a}-{b} ")),
+    }
+    s.push_str("return");
+    s
+}
+
+/// Characters a group id may have (it appears in comments of the rendered text).
+fn group_id_ok(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// A port's profile: its group ids, sorted and deduplicated (the rules are their union).
+fn profile_key(port: &Port) -> Vec<String> {
+    let set: BTreeSet<&String> = port.groups.iter().collect();
+    set.into_iter().cloned().collect()
+}
+
+fn public_cidr(public: &PublicNetwork) -> Option<(Ipv4Addr, u8)> {
+    parse_v4_cidr(&public.cidr).ok().flatten()
+}
+
+/// Checks what [`render_host`] and [`render_router`] would otherwise silently leave out (they skip
+/// malformed rules and out-of-pool elastic IPs, failing closed). Call before rendering to report bad input.
+pub(crate) fn check_policy(
+    nets: &[Network],
+    groups: &[GroupPolicy],
+    public: Option<&PublicNetwork>,
+) -> Result<(), NetworkError> {
+    let bad = NetworkError::InvalidSpec;
+    let mut ids = BTreeSet::new();
+    for g in groups {
+        if !group_id_ok(&g.id) {
+            return Err(bad(format!("security group id {:?} is malformed", g.id)));
+        }
+        if !ids.insert(g.id.as_str()) {
+            return Err(bad(format!("security group {} is listed twice", g.id)));
+        }
+        for (dir, rules) in [("ingress", &g.ingress), ("egress", &g.egress)] {
+            for (i, r) in rules.iter().enumerate() {
+                parse_rule(r).map_err(|e| {
+                    bad(format!("security group {} {dir} rule {}: {e}", g.id, i + 1))
+                })?;
+            }
+        }
+    }
+    let ports: Vec<&Port> = nets.iter().flat_map(|n| n.ports.iter()).collect();
+    if ports.len() > MAX_PORTS {
+        return Err(bad(format!(
+            "{} ports on one host; at most {MAX_PORTS} are supported",
+            ports.len()
+        )));
+    }
+    let pool = match public {
+        Some(p) => {
+            let (net, prefix) = public_cidr(p).ok_or_else(|| {
+                bad(format!(
+                    "public network cidr {:?} is not an IPv4 CIDR",
+                    p.cidr
+                ))
+            })?;
+            let gw: Ipv4Addr = p.gateway.parse().map_err(|_| {
+                bad(format!(
+                    "public gateway {:?} is not an IPv4 address",
+                    p.gateway
+                ))
+            })?;
+            Some((net, prefix, gw))
+        }
+        None => None,
+    };
+    let mut eips = BTreeSet::new();
+    for port in &ports {
+        if let Some(g) = port.groups.iter().find(|g| !group_id_ok(g)) {
+            return Err(bad(format!(
+                "port {}: security group id {g:?} is malformed",
+                port.tap
+            )));
+        }
+        let Some(eip) = port.public_ip else { continue };
+        let Some((net, prefix, gw)) = pool else {
+            return Err(bad(format!(
+                "port {} has elastic IP {eip} but no public network is configured",
+                port.tap
+            )));
+        };
+        let host = u32::from(eip) & !mask(prefix);
+        if !covers((net, prefix), (eip, 32)) || host == 0 || host == !mask(prefix) || eip == gw {
+            return Err(bad(format!(
+                "port {}: elastic IP {eip} is not a usable address of {net}/{prefix} (gateway {gw})",
+                port.tap
+            )));
+        }
+        if !eips.insert(eip) {
+            return Err(bad(format!("elastic IP {eip} is given to two ports")));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Rendering.
+
+fn push(out: &mut String, indent: usize, line: &str) {
+    for _ in 0..indent {
+        out.push('\t');
+    }
+    out.push_str(line);
+    out.push('\n');
+}
+
+/// A named set or map; `elements` are rendered one per line (empty: no elements clause).
+fn set_block(out: &mut String, kind: &str, name: &str, ty: &str, elements: &[String]) {
+    push(out, 1, &format!("{kind} {name} {{"));
+    push(out, 2, ty);
+    if !elements.is_empty() {
+        push(out, 2, "elements = {");
+        for (i, e) in elements.iter().enumerate() {
+            let comma = if i + 1 < elements.len() { "," } else { "" };
+            push(out, 3, &format!("{e}{comma}"));
+        }
+        push(out, 2, "}");
+    }
+    push(out, 1, "}");
+}
+
+fn chain_block(out: &mut String, name: &str, lines: &[String]) {
+    push(out, 1, &format!("chain {name} {{"));
+    for l in lines {
+        push(out, 2, l);
+    }
+    push(out, 1, "}");
+}
+
+fn replace_table(out: &mut String, family: &str, name: &str) {
+    // Declaring first makes the delete succeed when the table is missing; all of it is one transaction.
+    push(out, 0, &format!("table {family} {name} {{}}"));
+    push(out, 0, &format!("delete table {family} {name}"));
+    push(out, 0, &format!("table {family} {name} {{"));
+}
+
+fn q(ifname: &str) -> String {
+    format!("\"{ifname}\"")
+}
+
+/// The allow rules of a profile in one direction: the union of its groups' rules, deduplicated.
+fn profile_rules(
+    key: &[String],
+    groups: &BTreeMap<&str, &GroupPolicy>,
+    ingress: bool,
+) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for id in key {
+        let Some(g) = groups.get(id.as_str()) else {
+            continue; // Unknown group: contributes nothing (fails closed).
+        };
+        let rules = if ingress { &g.ingress } else { &g.egress };
+        for r in rules {
+            if let Ok(Some(rule)) = parse_rule(r) {
+                let text = rule_text(&rule, if ingress { "saddr" } else { "daddr" });
+                if !lines.contains(&text) {
+                    lines.push(text);
+                }
+            }
+        }
+    }
+    lines
+}
+
+/// The host namespace's ruleset (tables [`HOST_TABLES`]) as text for `nft -f`.
+pub(crate) fn render_host(nets: &[Network], groups: &[GroupPolicy]) -> String {
+    let mut nets: Vec<&Network> = nets.iter().collect();
+    nets.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut ports: Vec<(&Network, &Port)> = nets
+        .iter()
+        .flat_map(|n| n.ports.iter().map(move |p| (*n, p)))
+        .collect();
+    ports.sort_by(|a, b| a.1.tap.cmp(&b.1.tap));
+    let profiles: BTreeMap<Vec<String>, usize> = ports
+        .iter()
+        .map(|(_, p)| profile_key(p))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .enumerate()
+        .map(|(i, k)| (k, i + 1))
+        .collect();
+    let mut by_id: BTreeMap<&str, &GroupPolicy> = BTreeMap::new();
+    for g in groups {
+        by_id.entry(g.id.as_str()).or_insert(g);
+    }
+    let profile_of = |p: &Port| profiles.get(&profile_key(p)).copied().unwrap_or(0);
+    let port_mark = |i: usize| ((i as u32 + 1) & 0xffff) << 16;
+    let uplinks: Vec<(&Network, String)> = nets
+        .iter()
+        .filter_map(|n| n.uplink().map(|u| (*n, u)))
+        .collect();
+
+    let mut out = String::new();
+    push(
+        &mut out,
+        0,
+        "# kumo host ruleset, rendered from the desired state; do not edit by hand.",
+    );
+    push(
+        &mut out,
+        0,
+        "# Port numbers (mark bits 16-31), in tap name order:",
+    );
+    for (i, (n, p)) in ports.iter().enumerate() {
+        let line = format!(
+            "#   {} = {} (network {}, profile {})",
+            i + 1,
+            p.tap,
+            n.name,
+            profile_of(p)
+        );
+        push(&mut out, 0, &line);
+    }
+    push(&mut out, 0, "# Profiles (mark bits 0-15 towards a tap):");
+    for (key, k) in &profiles {
+        push(&mut out, 0, &format!("#   {k} = [{}]", key.join(" ")));
+    }
+
+    // --- bridge kumo ---
+    replace_table(&mut out, "bridge", "kumo");
+    let taps: Vec<String> = ports.iter().map(|(_, p)| q(&p.tap)).collect();
+    set_block(&mut out, "set", "taps", "type ifname", &taps);
+    let tap_mac: Vec<String> = ports
+        .iter()
+        .map(|(_, p)| format!("{} . {}", q(&p.tap), p.mac))
+        .collect();
+    set_block(
+        &mut out,
+        "set",
+        "tap_mac",
+        "type ifname . ether_addr",
+        &tap_mac,
+    );
+    let tap_ip: Vec<String> = ports
+        .iter()
+        .map(|(_, p)| format!("{} . {}", q(&p.tap), p.ip))
+        .collect();
+    set_block(
+        &mut out,
+        "set",
+        "tap_ip",
+        "type ifname . ipv4_addr",
+        &tap_ip,
+    );
+    let uplink_names: Vec<String> = uplinks.iter().map(|(_, u)| q(u)).collect();
+    set_block(&mut out, "set", "uplinks", "type ifname", &uplink_names);
+    let uplink_gw_mac: Vec<String> = uplinks
+        .iter()
+        .map(|(n, u)| format!("{} . {}", q(u), n.gateway_mac()))
+        .collect();
+    set_block(
+        &mut out,
+        "set",
+        "uplink_gw_mac",
+        "type ifname . ether_addr",
+        &uplink_gw_mac,
+    );
+    let uplink_gw_ip: Vec<String> = uplinks
+        .iter()
+        .map(|(n, u)| format!("{} . {}", q(u), n.gateway))
+        .collect();
+    set_block(
+        &mut out,
+        "set",
+        "uplink_gw_ip",
+        "type ifname . ipv4_addr",
+        &uplink_gw_ip,
+    );
+    let mut marks: Vec<(String, u32)> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, p))| (p.tap.clone(), port_mark(i)))
+        .collect();
+    marks.extend(nets.iter().map(|n| (n.router_port(), ROUTER_MARK)));
+    marks.extend(uplinks.iter().map(|(_, u)| (u.clone(), 0)));
+    marks.sort();
+    let marks: Vec<String> = marks
+        .iter()
+        .map(|(name, m)| format!("{} : 0x{m:08x}", q(name)))
+        .collect();
+    set_block(&mut out, "map", "port_mark", "type ifname : mark", &marks);
+    let to_vm: Vec<String> = ports
+        .iter()
+        .map(|(_, p)| format!("{} : jump out_profile_{}", q(&p.tap), profile_of(p)))
+        .collect();
+    set_block(&mut out, "map", "to_vm", "type ifname : verdict", &to_vm);
+
+    let s = |v: &[&str]| -> Vec<String> { v.iter().map(|x| x.to_string()).collect() };
+    chain_block(
+        &mut out,
+        "ports_in",
+        &s(&[
+            "type filter hook prerouting priority -300; policy accept;",
+            "meta mark set iifname map @port_mark",
+            "iifname @taps jump from_vm",
+            "iifname @uplinks jump from_uplink",
+        ]),
+    );
+    chain_block(
+        &mut out,
+        "from_vm",
+        &s(&[
+            "iifname . ether saddr != @tap_mac drop",
+            "ether type arp iifname . arp saddr ether != @tap_mac drop",
+            "ether type arp arp saddr ip 0.0.0.0 return",
+            "ether type arp iifname . arp saddr ip != @tap_ip drop",
+            "ether type ip udp sport 67 drop",
+            "ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 return",
+            "ether type ip iifname . ip saddr != @tap_ip drop",
+            "ether type != { ip, arp } drop",
+        ]),
+    );
+    let hygiene = |dev: &str| -> Vec<String> {
+        vec![
+            format!("{dev} . ether saddr @uplink_gw_mac drop"),
+            format!("{dev} . ether daddr @uplink_gw_mac drop"),
+            format!("ether type arp {dev} . arp daddr ip @uplink_gw_ip drop"),
+            "ether type ip udp dport { 67, 68 } drop".to_string(),
+        ]
+    };
+    chain_block(&mut out, "from_uplink", &hygiene("iifname"));
+    chain_block(
+        &mut out,
+        "ports_out",
+        &s(&[
+            "type filter hook forward priority -100; policy accept;",
+            "oifname @uplinks jump to_uplink",
+            "oifname @taps ether type != { ip, arp } drop",
+            "oifname vmap @to_vm",
+        ]),
+    );
+    chain_block(&mut out, "to_uplink", &hygiene("oifname"));
+    // The VXLAN packet would inherit the mark; it is ours only while the frame crosses the bridge.
+    chain_block(
+        &mut out,
+        "ports_post",
+        &s(&[
+            "type filter hook postrouting priority 300; policy accept;",
+            "oifname @uplinks meta mark set 0x00000000",
+        ]),
+    );
+    for k in profiles.values() {
+        chain_block(
+            &mut out,
+            &format!("out_profile_{k}"),
+            &[format!("meta mark set meta mark | 0x{k:08x}")],
+        );
+    }
+    push(&mut out, 0, "}");
+
+    // --- inet kumo ---
+    replace_table(&mut out, "inet", "kumo");
+    let bridges: Vec<String> = nets.iter().map(|n| q(&n.bridge)).collect();
+    set_block(&mut out, "set", "bridges", "type ifname", &bridges);
+    let zones: Vec<String> = nets
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{} : {}", q(&n.bridge), i + 1))
+        .collect();
+    set_block(&mut out, "map", "zone", "typeof iifname : ct zone", &zones);
+    let mut services = Vec::new();
+    for n in &nets {
+        let b = q(&n.bridge);
+        let gw = n.gateway;
+        services.push(format!("{b} . {gw} . udp . 53"));
+        services.push(format!("{b} . {gw} . tcp . 53"));
+        services.push(format!("{b} . {gw} . udp . 67"));
+        services.push(format!("{b} . 255.255.255.255 . udp . 67"));
+        services.push(format!("{b} . {METADATA_IP} . tcp . 80"));
+    }
+    set_block(
+        &mut out,
+        "set",
+        "services",
+        "type ifname . ipv4_addr . inet_proto . inet_service",
+        &services,
+    );
+    let gateways: Vec<String> = nets
+        .iter()
+        .map(|n| format!("{} . {}", q(&n.bridge), n.gateway))
+        .collect();
+    set_block(&mut out, "set", "gateways", "type ifname . ipv4_addr", &gateways);
+    let egress: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, p))| !p.groups.is_empty())
+        .map(|(i, (_, p))| format!("0x{:08x} : jump sg_out_{}", port_mark(i), profile_of(p)))
+        .collect();
+    set_block(&mut out, "map", "egress", "type mark : verdict", &egress);
+    let ingress: Vec<String> = profiles
+        .values()
+        .map(|k| format!("0x{k:08x} : jump sg_in_{k}"))
+        .collect();
+    set_block(&mut out, "map", "ingress", "type mark : verdict", &ingress);
+    chain_block(
+        &mut out,
+        "zones",
+        &s(&[
+            "type filter hook prerouting priority raw; policy accept;",
+            "ct zone set iifname map @zone",
+        ]),
+    );
+    chain_block(
+        &mut out,
+        "vm_filter",
+        &[
+            "type filter hook forward priority filter; policy accept;".to_string(),
+            "iifname != @bridges accept".to_string(),
+            "ct state established,related accept".to_string(),
+            "ct state invalid drop".to_string(),
+            format!("meta mark & 0xffff0000 == 0x{ROUTER_MARK:08x} udp sport 67 udp dport 68 accept"),
+            "meta mark & 0x0000ffff == 0x00000000 iifname . ip daddr . meta l4proto . th dport @services accept"
+                .to_string(),
+            // The router itself (the agent's port-forward) reaches its VMs; elastic-IP traffic keeps the
+            // outside source and passes the security groups.
+            format!("meta mark & 0xffff0000 == 0x{ROUTER_MARK:08x} iifname . ip saddr @gateways accept"),
+            "meta mark & 0xffff0000 vmap @egress".to_string(),
+            "meta mark & 0x0000ffff vmap @ingress".to_string(),
+        ],
+    );
+    for (key, k) in &profiles {
+        let mut ins = vec![format!("# ingress of [{}]", key.join(" "))];
+        ins.extend(profile_rules(key, &by_id, true));
+        ins.push("drop".into());
+        chain_block(&mut out, &format!("sg_in_{k}"), &ins);
+        if !key.is_empty() {
+            let mut outs = vec![format!("# egress of [{}]", key.join(" "))];
+            outs.extend(profile_rules(key, &by_id, false));
+            outs.push("drop".into());
+            chain_block(&mut out, &format!("sg_out_{k}"), &outs);
+        }
+    }
+    push(&mut out, 0, "}");
+    out
+}
+
+/// A network's router namespace ruleset (tables [`ROUTER_TABLES`]) as text for `nft -f`.
+pub(crate) fn render_router(net: &Network, public: Option<&PublicNetwork>) -> String {
+    let pool = public.and_then(public_cidr);
+    let mut eips: Vec<(Ipv4Addr, Ipv4Addr)> = net
+        .ports
+        .iter()
+        .filter_map(|p| p.public_ip.map(|e| (e, p.ip)))
+        .filter(|(e, _)| pool.is_some_and(|n| covers(n, (*e, 32))))
+        .collect();
+    eips.sort();
+    let dnat: Vec<String> = eips.iter().map(|(e, p)| format!("{e} : {p}")).collect();
+    let mut snat: Vec<String> = eips.iter().map(|(e, p)| format!("{p} : {e}")).collect();
+    snat.sort();
+    let mut private: Vec<Ipv4Addr> = eips.iter().map(|(_, p)| *p).collect();
+    private.sort();
+    let private: Vec<String> = private.iter().map(|p| p.to_string()).collect();
+    let ext = q(ROUTER_OUTSIDE);
+    let int = q(ROUTER_INSIDE);
+
+    let mut out = String::new();
+    push(
+        &mut out,
+        0,
+        &format!(
+            "# kumo router ruleset of network {}; do not edit by hand.",
+            net.name
+        ),
+    );
+    replace_table(&mut out, "inet", "kumo");
+    set_block(
+        &mut out,
+        "map",
+        "eip_dnat",
+        "type ipv4_addr : ipv4_addr",
+        &dnat,
+    );
+    set_block(
+        &mut out,
+        "map",
+        "eip_snat",
+        "type ipv4_addr : ipv4_addr",
+        &snat,
+    );
+    set_block(&mut out, "set", "eip_private", "type ipv4_addr", &private);
+    chain_block(
+        &mut out,
+        "nat_in",
+        &[
+            "type nat hook prerouting priority dstnat; policy accept;".into(),
+            format!("iifname {ext} dnat ip to ip daddr map @eip_dnat"),
+        ],
+    );
+    chain_block(
+        &mut out,
+        "nat_out",
+        &[
+            "type nat hook postrouting priority srcnat; policy accept;".into(),
+            format!("oifname {ext} snat ip to ip saddr map @eip_snat"),
+        ],
+    );
+    chain_block(
+        &mut out,
+        "routed",
+        &[
+            "type filter hook forward priority filter; policy drop;".into(),
+            "ct state established,related accept".into(),
+            // Outside traffic posing as this network's own addresses would pass for the gateway.
+            format!("iifname {ext} ip saddr {}/{} drop", net.network, net.prefix),
+            format!("iifname {ext} oifname {int} ct status dnat accept"),
+            format!("iifname {int} oifname {ext} ip saddr @eip_private accept"),
+        ],
+    );
+    chain_block(
+        &mut out,
+        "local_in",
+        &[
+            "type filter hook input priority filter; policy accept;".into(),
+            format!("iifname {ext} ct state established,related accept"),
+            format!("iifname {ext} drop"),
+        ],
+    );
+    push(&mut out, 0, "}");
+    out
+}
+
+/// Test hook: validates like the agent does and renders the host text and each network's router text.
+#[doc(hidden)]
+pub fn render_for_test(
+    networks: &[(NetworkSpec, Vec<PortSpec>)],
+    groups: &[GroupPolicy],
+    public: Option<&PublicNetwork>,
+) -> Result<(String, Vec<(String, String)>), NetworkError> {
+    let nets = spec::validate(networks)?;
+    check_policy(&nets, groups, public)?;
+    let routers = nets
+        .iter()
+        .map(|n| (n.name.clone(), render_router(n, public)))
+        .collect();
+    Ok((render_host(&nets, groups), routers))
+}
+
+mod nft;
+pub use nft::Nft;
+
+#[cfg(test)]
+mod tests;

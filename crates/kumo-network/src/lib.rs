@@ -76,6 +76,7 @@ pub struct HostNetwork {
     opts: HostOptions,
     ip: PathBuf,
     bridge_bin: PathBuf,
+    nft: firewall::Nft,
     /// apply and teardown never overlap.
     lock: tokio::sync::Mutex<()>,
 }
@@ -95,6 +96,7 @@ impl HostNetwork {
         netns::check_name(&format!("{}x", opts.router_prefix))?;
         let ip = cmd::find_program("ip")?;
         let bridge_bin = cmd::find_program("bridge")?;
+        let nft = firewall::Nft::new()?;
         std::fs::create_dir_all(state_dir.join(dnsmasq::DIR))
             .map_err(io_err(state_dir.join(dnsmasq::DIR)))?;
         let this = Self {
@@ -103,6 +105,7 @@ impl HostNetwork {
             opts,
             ip,
             bridge_bin,
+            nft,
             lock: tokio::sync::Mutex::new(()),
         };
         this.ensure_netns().await?;
@@ -178,6 +181,8 @@ impl HostNetwork {
     /// host already matched).
     pub async fn apply(&self, d: &HostDesired) -> Result<Vec<String>, NetworkError> {
         let desired = spec::validate(&d.networks)?;
+        let public = self.opts.public_bridge.as_ref().and(d.public.as_ref());
+        firewall::check_policy(&desired, &d.groups, public)?;
         let _guard = self.lock.lock().await;
         let started = std::time::Instant::now();
         let mut repairs = Vec::new();
@@ -307,9 +312,36 @@ impl HostNetwork {
         v
     }
 
-    /// Removes the host firewall tables (teardown).
+    /// Removes the host firewall tables and every record of applied rulesets (teardown).
     async fn remove_firewall(&self) -> Result<(), NetworkError> {
+        self.nft
+            .delete(self.netns.as_deref(), firewall::HOST_TABLES)
+            .await?;
+        for f in self.nft_records()? {
+            std::fs::remove_file(&f).map_err(io_err(&f))?;
+        }
         Ok(())
+    }
+
+    fn nft_record(&self, what: &str) -> PathBuf {
+        self.state_dir.join(format!("nft-{what}.json"))
+    }
+
+    fn nft_records(&self) -> Result<Vec<PathBuf>, NetworkError> {
+        let rd = match std::fs::read_dir(&self.state_dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(io_err(&self.state_dir)(e)),
+        };
+        Ok(rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("nft-") && n.ends_with(".json"))
+            })
+            .collect())
     }
 
     /// The host firewall and every router's NAT table, each applied whole and only when it differs.
@@ -319,8 +351,39 @@ impl HostNetwork {
         d: &HostDesired,
         routers: &std::collections::HashMap<String, String>,
     ) -> Result<Vec<String>, NetworkError> {
-        let _ = (desired, d, routers);
-        Ok(vec![])
+        let mut out = Vec::new();
+        let host = firewall::render_host(desired, &d.groups);
+        let record = self.nft_record("host");
+        let netns = self.netns.as_deref();
+        if let Some(r) = self
+            .nft
+            .ensure(netns, firewall::HOST_TABLES, &host, &record)
+            .await?
+        {
+            out.push(r);
+        }
+        let public = self.opts.public_bridge.as_ref().and(d.public.as_ref());
+        let mut keep = vec![record];
+        for net in desired {
+            let ns = &routers[&net.name];
+            let text = firewall::render_router(net, public);
+            let record = self.nft_record(&format!("router-{}", net.name));
+            if let Some(r) = self
+                .nft
+                .ensure(Some(ns), firewall::ROUTER_TABLES, &text, &record)
+                .await?
+            {
+                out.push(format!("{ns}: {r}"));
+            }
+            keep.push(record);
+        }
+        // Records of routers that are gone.
+        for f in self.nft_records()? {
+            if !keep.contains(&f) {
+                std::fs::remove_file(&f).map_err(io_err(&f))?;
+            }
+        }
+        Ok(out)
     }
 
     async fn reconcile_dnsmasq(
