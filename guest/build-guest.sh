@@ -473,8 +473,12 @@ done
 get latest/user-data /www/md/user-data || rm -f /www/md/user-data
 get latest/meta-data/local-ipv4 /www/md/local-ipv4
 get latest/meta-data/public-ipv4 /www/md/public-ipv4 || rm -f /www/md/public-ipv4
-TOKEN=$(printf 'PUT /latest/api/token HTTP/1.0\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\n\r\n' |
-    timeout 10 nc 169.254.169.254 80 | sed '1,/^\r*$/d')
+# stdin stays open a moment: nc may stop reading the answer once its input ends.
+for i in 1 2 3; do
+    TOKEN=$( (printf 'PUT /latest/api/token HTTP/1.0\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\n\r\n'; sleep 3) |
+        timeout 10 nc 169.254.169.254 80 | sed '1,/^\r*$/d')
+    [ -n "$TOKEN" ] && break
+done
 V2=none
 if [ -n "$TOKEN" ]; then
     get latest/meta-data/instance-id /www/md/instance-id-v2 "X-aws-ec2-metadata-token: $TOKEN"

@@ -171,8 +171,8 @@ expect_error DryRunOperation run-instances --image-id "$ami" --instance-type t1.
 expect_error DryRunOperation stop-instances --instance-ids "$id" --dry-run
 expect_error InvalidParameterValue describe-instances --filters Name=no-such-filter,Values=x
 expect_error UnsupportedOperation create-volume --size 1 --availability-zone "$zone"
-expect_error UnsupportedOperation describe-key-pairs
-expect_error UnsupportedOperation allocate-address
+expect_error InvalidKeyPair.NotFound describe-key-pairs --key-names "nope-$RUN"
+expect_error InvalidAllocationID.NotFound release-address --allocation-id eipalloc-0123456789abcdef0
 
 expect_eq "$(ec2 terminate-instances --instance-ids "$id" --query 'TerminatingInstances[0].PreviousState.Name' --output text)" \
     "running" "terminate-instances"

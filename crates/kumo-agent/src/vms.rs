@@ -53,6 +53,9 @@ impl Vms {
     }
 }
 
+/// Where stock cloud images find their NoCloud seed: the metadata service (see kumo_agent::metadata).
+const NOCLOUD_SEED: &str = "ds=nocloud-net;s=http://169.254.169.254/nocloud/";
+
 impl Agent {
     pub(crate) fn vm_dir(&self, id: &str) -> PathBuf {
         self.cfg.data_dir.join("vms").join(id)
@@ -253,6 +256,7 @@ impl Agent {
                 initrd: None,
                 cmdline: None,
                 netns: None,
+                smbios_serial: None,
             });
         }
         let dir = self.vm_dir(&d.id);
@@ -300,6 +304,7 @@ impl Agent {
             initrd,
             cmdline,
             netns: self.cfg.vm_netns.clone(),
+            smbios_serial: Some(NOCLOUD_SEED.into()),
         })
     }
 

@@ -17,6 +17,7 @@ pub fn instance(r: InstanceRow) -> Instance {
         desired: r.desired,
         host_id: r.host_id,
         private_ip: Some(r.private_ip),
+        public_ip: r.public_ip,
         mac: Some(r.mac),
         generation: r.generation,
         last_error: r.last_error,
@@ -26,6 +27,8 @@ pub fn instance(r: InstanceRow) -> Instance {
         placement_group_id: r.placement_group_id,
         requested_site: r.requested_site,
         constraints: r.constraints,
+        security_groups: r.security_group_ids,
+        key_name: r.key_name,
     }
 }
 

@@ -33,9 +33,17 @@ pub struct AppState {
         instances::start, instances::stop, instances::reboot, instances::console,
         images::list, images::show, images::import, images::upload, images::delete,
         misc::hosts, misc::host, misc::set_host_state, misc::join_tokens, misc::create_join_token, misc::revoke_join_token, placement::explain_placement, placement::capacity, placement::stats, placement::update_host, placement::list_groups, placement::create_group, placement::show_group, placement::delete_group, misc::instance_types, misc::operations, misc::operation, misc::events, misc::whoami,
+        security::list_groups, security::create_group, security::show_group, security::delete_group, security::add_rule, security::delete_rule,
+        security::set_instance_groups, security::list_keys, security::create_key, security::show_key, security::delete_key,
+        networks::list_networks, networks::create_network, networks::show_network, networks::delete_network,
+        networks::show_pool, networks::set_pool, networks::list_addresses, networks::allocate, networks::release, networks::associate, networks::disassociate,
     ),
-    components(schemas(images::ImageWithOperation)),
-    tags((name = "instances"), (name = "images"), (name = "hosts"), (name = "placement-groups"), (name = "operations"), (name = "events"), (name = "auth"))
+    components(schemas(images::ImageWithOperation,
+        kumo_types::security::SecurityGroup, kumo_types::security::SecurityGroupRule, kumo_types::security::CreateSecurityGroup,
+        kumo_types::security::CreateSecurityGroupRule, kumo_types::security::SetSecurityGroups, kumo_types::security::KeyPair, kumo_types::security::CreateKeyPair,
+        kumo_types::networks::Network, kumo_types::networks::CreateNetwork, kumo_types::networks::AddressPool,
+        kumo_types::networks::SetAddressPool, kumo_types::networks::Address, kumo_types::networks::AssociateAddress)),
+    tags((name = "instances"), (name = "images"), (name = "hosts"), (name = "placement-groups"), (name = "security-groups"), (name = "key-pairs"), (name = "networks"), (name = "addresses"), (name = "operations"), (name = "events"), (name = "auth"))
 )]
 pub struct ApiDoc;
 
@@ -101,14 +109,68 @@ pub fn router(state: AppState) -> Router {
             get(placement::explain_placement),
         )
         .route("/api/v1/capacity", get(placement::capacity))
+        .route(
+            "/api/v1/networks",
+            get(networks::list_networks).post(networks::create_network),
+        )
+        .route(
+            "/api/v1/networks/{id}",
+            get(networks::show_network).delete(networks::delete_network),
+        )
+        .route(
+            "/api/v1/address-pool",
+            get(networks::show_pool).put(networks::set_pool),
+        )
+        .route(
+            "/api/v1/addresses",
+            get(networks::list_addresses).post(networks::allocate),
+        )
+        .route("/api/v1/addresses/{id}", delete(networks::release))
+        .route(
+            "/api/v1/addresses/{id}/associate",
+            post(networks::associate),
+        )
+        .route(
+            "/api/v1/addresses/{id}/disassociate",
+            post(networks::disassociate),
+        )
         .route("/api/v1/instance-types", get(misc::instance_types))
         .route("/api/v1/operations", get(misc::operations))
         .route("/api/v1/operations/{id}", get(misc::operation))
         .route("/api/v1/events", get(misc::events))
         .route("/api/v1/whoami", get(misc::whoami))
+        .route(
+            "/api/v1/security-groups",
+            get(security::list_groups).post(security::create_group),
+        )
+        .route(
+            "/api/v1/security-groups/{id}",
+            get(security::show_group).delete(security::delete_group),
+        )
+        .route(
+            "/api/v1/security-groups/{id}/rules",
+            post(security::add_rule),
+        )
+        .route(
+            "/api/v1/security-groups/{id}/rules/{rule_id}",
+            delete(security::delete_rule),
+        )
+        .route(
+            "/api/v1/instances/{id}/security-groups",
+            put(security::set_instance_groups),
+        )
+        .route(
+            "/api/v1/key-pairs",
+            get(security::list_keys).post(security::create_key),
+        )
+        .route(
+            "/api/v1/key-pairs/{name}",
+            get(security::show_key).delete(security::delete_key),
+        )
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/agent/register", post(agent::register))
         .route("/api/v1/agent/heartbeat", post(agent::heartbeat))
+        .route("/api/v1/agent/network-policy", get(agent::network_policy))
         .route("/api/v1/agent/images/{id}", get(agent::image_content))
         .route("/healthz", get(|| async { "ok" }))
         .route_layer(axum::middleware::from_fn_with_state(

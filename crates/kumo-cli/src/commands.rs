@@ -42,6 +42,15 @@ pub enum VmCmd {
         /// Join this spread placement group (see `kumo placement-group`).
         #[arg(long)]
         placement_group: Option<String>,
+        /// Attach to this network (id or name; default: the project's `default` network).
+        #[arg(long)]
+        network: Option<String>,
+        /// Join this security group (id or name); repeatable, at most 5 (default: `default`).
+        #[arg(long = "security-group")]
+        security_groups: Vec<String>,
+        /// The key pair (see `kumo key`) whose public key the guest gets.
+        #[arg(long)]
+        key: Option<String>,
         /// Create this many (named NAME-0, NAME-1 ...), placed in one step: all or none.
         #[arg(long, default_value_t = 1)]
         count: u32,
@@ -305,7 +314,10 @@ fn show_instance(i: &Instance, output: Output) -> Result<(), ClientError> {
         ("image", i.image_id.clone()),
         ("host", i.host_id.clone().unwrap_or_default()),
         ("private ip", i.private_ip.clone().unwrap_or_default()),
+        ("public ip", i.public_ip.clone().unwrap_or_default()),
         ("mac", i.mac.clone().unwrap_or_default()),
+        ("security groups", i.security_groups.join(", ")),
+        ("key", i.key_name.clone().unwrap_or_default()),
         ("created", i.created_at.to_rfc3339()),
         ("last error", i.last_error.clone().unwrap_or_default()),
     ] {
@@ -366,6 +378,9 @@ impl VmCmd {
                 site,
                 constraints,
                 placement_group,
+                network,
+                security_groups,
+                key,
                 count,
                 wait,
                 idempotency_key,
@@ -378,6 +393,9 @@ impl VmCmd {
                     site,
                     constraints,
                     placement_group,
+                    network,
+                    security_groups,
+                    key_name: key,
                     ..Default::default()
                 };
                 if count != 1 {

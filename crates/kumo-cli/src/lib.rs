@@ -13,6 +13,8 @@ pub use client::{Client, ImageWithOperation};
 pub use commands::{follow_operation, wait_for, HostCmd, ImageCmd, Output, TokenCmd, VmCmd};
 pub use config::{config_path, ClientConfig};
 pub use groups::PlacementGroupCmd;
+pub use networks::{AddressCmd, AddressPoolCmd, NetworkCmd};
+pub use security::{KeyCmd, KeyType, Proto, SgCmd};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

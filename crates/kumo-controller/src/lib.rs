@@ -7,6 +7,7 @@ mod error;
 mod hosts;
 mod images;
 mod instances;
+mod netpolicy;
 mod networks;
 mod placement;
 mod reconcile;

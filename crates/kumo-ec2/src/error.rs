@@ -58,7 +58,47 @@ pub enum Ec2Error {
     #[error("{0}")]
     PlacementGroupInUse(String),
     #[error("{0}")]
+    GroupNotFound(String),
+    #[error("{0}")]
+    GroupDuplicate(String),
+    #[error("{0}")]
+    GroupReserved(String),
+    #[error("{0}")]
+    GroupIdMalformed(String),
+    #[error("{0}")]
+    CannotDelete(String),
+    #[error("{0}")]
+    PermissionDuplicate(String),
+    #[error("{0}")]
+    PermissionNotFound(String),
+    #[error("{0}")]
+    RuleIdNotFound(String),
+    #[error("{0}")]
+    KeyPairNotFound(String),
+    #[error("{0}")]
+    KeyPairDuplicate(String),
+    #[error("{0}")]
+    KeyFormat(String),
+    #[error("{0}")]
     UnsupportedOperation(String),
+    #[error("{0}")]
+    AllocationNotFound(String),
+    #[error("{0}")]
+    AssociationNotFound(String),
+    #[error("{0}")]
+    AddressNotFound(String),
+    #[error("{0}")]
+    AddressInUse(String),
+    #[error("{0}")]
+    AddressLimitExceeded(String),
+    #[error("{0}")]
+    ResourceAlreadyAssociated(String),
+    #[error("{0}")]
+    VpcNotFound(String),
+    #[error("{0}")]
+    VpcRange(String),
+    #[error("{0}")]
+    SubnetNotFound(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("An internal error has occurred")]
@@ -93,7 +133,27 @@ impl Ec2Error {
             PlacementGroupUnknown(_) => "InvalidPlacementGroup.Unknown",
             PlacementGroupDuplicate(_) => "InvalidPlacementGroup.Duplicate",
             PlacementGroupInUse(_) => "InvalidPlacementGroup.InUse",
+            GroupNotFound(_) => "InvalidGroup.NotFound",
+            GroupDuplicate(_) => "InvalidGroup.Duplicate",
+            GroupReserved(_) => "InvalidGroup.Reserved",
+            GroupIdMalformed(_) => "InvalidGroupId.Malformed",
+            CannotDelete(_) => "CannotDelete",
+            PermissionDuplicate(_) => "InvalidPermission.Duplicate",
+            PermissionNotFound(_) => "InvalidPermission.NotFound",
+            RuleIdNotFound(_) => "InvalidSecurityGroupRuleId.NotFound",
+            KeyPairNotFound(_) => "InvalidKeyPair.NotFound",
+            KeyPairDuplicate(_) => "InvalidKeyPair.Duplicate",
+            KeyFormat(_) => "InvalidKey.Format",
             UnsupportedOperation(_) => "UnsupportedOperation",
+            AllocationNotFound(_) => "InvalidAllocationID.NotFound",
+            AssociationNotFound(_) => "InvalidAssociationID.NotFound",
+            AddressNotFound(_) => "InvalidAddress.NotFound",
+            AddressInUse(_) => "InvalidIPAddress.InUse",
+            AddressLimitExceeded(_) => "AddressLimitExceeded",
+            ResourceAlreadyAssociated(_) => "Resource.AlreadyAssociated",
+            VpcNotFound(_) => "InvalidVpcID.NotFound",
+            VpcRange(_) => "InvalidVpc.Range",
+            SubnetNotFound(_) => "InvalidSubnetID.NotFound",
             Unavailable(_) => "Unavailable",
             Internal(_) => "InternalError",
         }
@@ -149,6 +209,15 @@ pub fn not_found(kind: &str, id: &str) -> Ec2Error {
     match kind {
         "instance" => Ec2Error::InstanceNotFound(format!("The instance ID '{id}' does not exist")),
         "image" => Ec2Error::AmiNotFound(format!("The image id '[{id}]' does not exist")),
+        "security group" => {
+            Ec2Error::GroupNotFound(format!("The security group '{id}' does not exist"))
+        }
+        "security group rule" => Ec2Error::PermissionNotFound(format!(
+            "The specified rule does not exist in this security group: {id}"
+        )),
+        "key pair" => Ec2Error::KeyPairNotFound(format!("The key pair '{id}' does not exist")),
+        "network" => Ec2Error::VpcNotFound(format!("The vpc ID '{id}' does not exist")),
+        "address" => Ec2Error::AddressNotFound(format!("Address '{id}' not found.")),
         other => Ec2Error::InvalidParameterValue(format!("{other} {id} not found")),
     }
 }

@@ -15,6 +15,7 @@ use crate::error::{not_found, Ec2Error};
 use crate::filter::{check_names, matches_all, tag_values};
 use crate::params::{check_tag, Params};
 use crate::render::{self, private_dns, reservation_id, Lookups};
+use crate::security;
 use crate::xml::{ts, Xml};
 use crate::{page, Ctx, MAX_INSTANCES};
 
@@ -42,6 +43,8 @@ const INSTANCE_FILTERS: &[&str] = &[
     "hypervisor",
     "owner-id",
     "vpc-id",
+    "subnet-id",
+    "ip-address",
     "network-interface.mac-address",
     "launch-time",
     "monitoring-state",
@@ -84,7 +87,8 @@ fn instance_values(i: &InstanceRow, l: &Lookups, region: &str, name: &str) -> Ve
         "virtualization-type" => one("hvm"),
         "hypervisor" => one("kvm"),
         "owner-id" => one(&i.project_id),
-        "vpc-id" => one(&i.network_id),
+        "vpc-id" | "subnet-id" => one(&i.network_id),
+        "ip-address" => i.public_ip.clone().into_iter().collect(),
         "network-interface.mac-address" => one(&i.mac),
         "launch-time" => one(&ts(i.created_at)),
         "monitoring-state" => one("disabled"),
@@ -162,6 +166,13 @@ pub(crate) async fn lookups(ctx: &Ctx<'_>, rows: &[InstanceRow]) -> Result<Looku
             }
         }
     }
+    let mut sgs: Vec<String> = rows
+        .iter()
+        .flat_map(|r| r.security_group_ids.iter().cloned())
+        .collect();
+    sgs.sort();
+    sgs.dedup();
+    l.security_groups = security::group_names(ctx, &sgs).await?;
     if rows.iter().any(|r| r.placement_group_id.is_some()) {
         for g in ctx.ctl.store.placement_groups(&Scope::system()).await? {
             l.groups.insert(g.id, g.name);
@@ -347,16 +358,15 @@ pub async fn run(ctx: &Ctx<'_>, mut p: Params) -> Result<String, Ec2Error> {
             )));
         }
     }
+    let group_ids = p.list("SecurityGroupId")?;
+    let group_names = p.list("SecurityGroup")?;
+    let key_name = p.string("KeyName");
     let specs = p.tag_specs()?;
+    let subnet = crate::addresses::take_subnet(&mut p)?;
     refuse_unsupported(
         &mut p,
         &[
-            "KeyName",
-            "SecurityGroup",
-            "SecurityGroupId",
-            "SubnetId",
             "PrivateIpAddress",
-            "NetworkInterface",
             "BlockDeviceMapping",
             "IamInstanceProfile",
             "LaunchTemplate",
@@ -454,6 +464,15 @@ pub async fn run(ctx: &Ctx<'_>, mut p: Params) -> Result<String, Ec2Error> {
             )));
         }
     }
+    let network = match &subnet {
+        Some(s) => Some(crate::addresses::resolve_subnet(ctx, s).await?),
+        None => None,
+    };
+    let security_groups = security::launch_groups(ctx, &group_ids, &group_names).await?;
+    let key_name = match &key_name {
+        Some(k) => Some(security::keys::launch_key(ctx, k).await?),
+        None => None,
+    };
     if dry {
         return Err(ctx.dry_run("RunInstances"));
     }
@@ -517,6 +536,9 @@ pub async fn run(ctx: &Ctx<'_>, mut p: Params) -> Result<String, Ec2Error> {
         site: zone.clone(),
         constraints: vec![],
         placement_group: group.clone(),
+        security_groups,
+        key_name,
+        network,
         ..Default::default()
     };
     let launch = |n: u32| {
@@ -799,6 +821,7 @@ pub async fn describe_attribute(ctx: &Ctx<'_>, mut p: Params) -> Result<String, 
             "instanceInitiatedShutdownBehavior" => value(x, &attr, Some("stop")),
             "rootDeviceName" => value(x, &attr, Some(render::ROOT_DEVICE)),
             "enclaveOptions" => x.elem("enclaveOptions", |x| x.bool("enabled", false)),
+            "groupSet" => render::group_set(x, &row, &l),
             other => x.empty(other),
         }
     });
@@ -830,6 +853,10 @@ pub async fn modify_attribute(ctx: &Ctx<'_>, mut p: Params) -> Result<String, Ec
     if let Some(v) = p.string("UserData.Value") {
         changes.push(("userData", v));
     }
+    let groups = p.list("GroupId")?;
+    if !groups.is_empty() {
+        changes.push(("groupSet", String::new()));
+    }
     refuse_unsupported(
         &mut p,
         &[
@@ -842,7 +869,6 @@ pub async fn modify_attribute(ctx: &Ctx<'_>, mut p: Params) -> Result<String, Ec
             "EbsOptimized",
             "EnaSupport",
             "SriovNetSupport",
-            "GroupId",
             "BlockDeviceMapping",
         ],
     )?;
@@ -867,10 +893,19 @@ pub async fn modify_attribute(ctx: &Ctx<'_>, mut p: Params) -> Result<String, Ec
         None
     };
     let row = resolve(ctx, std::slice::from_ref(&id)).await?.remove(0);
+    let group_ids = if what == "groupSet" {
+        security::launch_groups(ctx, &groups, &[]).await?
+    } else {
+        vec![]
+    };
     if dry {
         return Err(ctx.dry_run("ModifyInstanceAttribute"));
     }
-    let res = if what == "instanceType" {
+    let res = if what == "groupSet" {
+        ctx.ctl
+            .set_instance_security_groups(&ctx.scope, &row.id, &group_ids)
+            .await
+    } else if what == "instanceType" {
         if ctx.ctl.store.instance_type(&value).await.is_err() {
             return Err(Ec2Error::InvalidParameterValue(format!(
                 "Invalid value '{value}' for InstanceType."

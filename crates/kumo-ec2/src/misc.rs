@@ -129,7 +129,7 @@ pub async fn account_attributes(ctx: &Ctx<'_>, mut p: Params) -> Result<String, 
         ("supported-platforms", vec!["VPC"]),
         ("default-vpc", vec!["none"]),
         ("max-instances", vec![max.as_str()]),
-        ("vpc-max-security-groups-per-interface", vec!["0"]),
+        ("vpc-max-security-groups-per-interface", vec!["5"]),
         ("max-elastic-ips", vec!["0"]),
         ("vpc-max-elastic-ips", vec!["0"]),
     ];

@@ -16,6 +16,8 @@ pub struct Lookups {
     pub sites: HashMap<String, String>,
     /// placement group id → name.
     pub groups: HashMap<String, String>,
+    /// security group id → name.
+    pub security_groups: HashMap<String, String>,
     /// image id → image (for kernel and ramdisk ids).
     pub images: HashMap<String, ImageRow>,
     /// resource id → tags.
@@ -78,6 +80,14 @@ pub fn tag_set(x: &mut Xml, tags: &[(String, String)]) {
     });
 }
 
+/// The instance's security groups: `groupSet` items with `groupId` and `groupName`.
+pub fn group_set(x: &mut Xml, i: &InstanceRow, l: &Lookups) {
+    x.set("groupSet", &i.security_group_ids, |x, g| {
+        x.leaf("groupId", g);
+        x.opt("groupName", l.security_groups.get(g).map(String::as_str));
+    });
+}
+
 pub fn instance(x: &mut Xml, i: &InstanceRow, l: &Lookups, region: &str) {
     let dns = private_dns(i, region);
     x.leaf("instanceId", &i.id);
@@ -86,6 +96,7 @@ pub fn instance(x: &mut Xml, i: &InstanceRow, l: &Lookups, region: &str) {
     x.leaf("privateDnsName", &dns);
     x.empty("dnsName");
     x.leaf("reason", i.last_error.as_deref().unwrap_or(""));
+    x.opt("keyName", i.key_name.as_deref());
     x.num("amiLaunchIndex", i.launch_index);
     x.empty("productCodes");
     x.leaf("instanceType", &i.instance_type);
@@ -104,7 +115,7 @@ pub fn instance(x: &mut Xml, i: &InstanceRow, l: &Lookups, region: &str) {
     x.leaf("vpcId", &i.network_id);
     x.leaf("privateIpAddress", &i.private_ip);
     x.bool("sourceDestCheck", true);
-    x.empty("groupSet");
+    group_set(x, i, l);
     x.leaf("architecture", "x86_64");
     x.leaf("rootDeviceType", "ebs");
     x.leaf("rootDeviceName", ROOT_DEVICE);
@@ -113,9 +124,13 @@ pub fn instance(x: &mut Xml, i: &InstanceRow, l: &Lookups, region: &str) {
     x.opt("clientToken", i.client_token.as_deref());
     tag_set(x, l.tags_of(&i.id));
     x.leaf("hypervisor", "kvm");
+    // kumo's networks are their own single subnet.
+    x.leaf("subnetId", &i.network_id);
+    x.opt("ipAddress", i.public_ip.as_deref());
     x.elem("networkInterfaceSet", |x| {
         x.elem("item", |x| {
             x.leaf("networkInterfaceId", &derived_id("eni", &i.id));
+            x.leaf("subnetId", &i.network_id);
             x.leaf("vpcId", &i.network_id);
             x.leaf("ownerId", &i.project_id);
             x.leaf("status", "in-use");
@@ -123,7 +138,7 @@ pub fn instance(x: &mut Xml, i: &InstanceRow, l: &Lookups, region: &str) {
             x.leaf("privateIpAddress", &i.private_ip);
             x.leaf("privateDnsName", &dns);
             x.bool("sourceDestCheck", true);
-            x.empty("groupSet");
+            group_set(x, i, l);
             x.elem("attachment", |x| {
                 x.leaf("attachmentId", &derived_id("eni-attach", &i.id));
                 x.num("deviceIndex", 0);
@@ -131,11 +146,25 @@ pub fn instance(x: &mut Xml, i: &InstanceRow, l: &Lookups, region: &str) {
                 x.leaf("attachTime", &ts(i.created_at));
                 x.bool("deleteOnTermination", true);
             });
+            if let Some(ip) = &i.public_ip {
+                x.elem("association", |x| {
+                    x.leaf("publicIp", ip);
+                    x.empty("publicDnsName");
+                    x.leaf("ipOwnerId", &i.project_id);
+                });
+            }
             x.elem("privateIpAddressesSet", |x| {
                 x.elem("item", |x| {
                     x.leaf("privateIpAddress", &i.private_ip);
                     x.leaf("privateDnsName", &dns);
                     x.bool("primary", true);
+                    if let Some(ip) = &i.public_ip {
+                        x.elem("association", |x| {
+                            x.leaf("publicIp", ip);
+                            x.empty("publicDnsName");
+                            x.leaf("ipOwnerId", &i.project_id);
+                        });
+                    }
                 });
             });
             x.leaf("interfaceType", "interface");
@@ -218,6 +247,9 @@ mod tests {
             placement_group_id: None,
             requested_site: None,
             constraints: vec![],
+            public_ip: None,
+            security_group_ids: vec![],
+            key_name: None,
         }
     }
 

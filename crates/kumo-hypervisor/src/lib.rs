@@ -57,6 +57,9 @@ pub struct VmSpec {
     pub cmdline: Option<String>,
     /// If set, QEMU runs inside this named network namespace (`ip netns exec NAME qemu...`).
     pub netns: Option<String>,
+    /// SMBIOS system serial number: cloud-init reads `ds=nocloud-net;s=URL` from it (stock images
+    /// then fetch their seed from the metadata service).
+    pub smbios_serial: Option<String>,
 }
 
 /// Power state of a VM as the hypervisor sees it.
@@ -331,6 +334,7 @@ mod tests {
             initrd: None,
             cmdline: None,
             netns: None,
+            smbios_serial: None,
         }
     }
 

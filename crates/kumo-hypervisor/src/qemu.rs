@@ -81,6 +81,9 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, run_dir: &Path) -> Vec<String> {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
     }
+    if let Some(serial) = &spec.smbios_serial {
+        push(&["-smbios", &format!("type=1,serial={}", opt(serial))]);
+    }
     push(&["-smp", &spec.vcpus.to_string()]);
     push(&["-m", &format!("{}M", spec.memory_mib)]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
@@ -975,6 +978,7 @@ mod tests {
             initrd: Some("/boot/initrd.img".into()),
             cmdline: Some("console=ttyS0 root=/dev/vda".into()),
             netns: None,
+            smbios_serial: None,
         }
     }
 

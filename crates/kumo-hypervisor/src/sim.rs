@@ -267,6 +267,7 @@ mod tests {
             initrd: None,
             cmdline: None,
             netns: None,
+            smbios_serial: None,
         }
     }
 

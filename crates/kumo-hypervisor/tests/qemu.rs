@@ -91,6 +91,7 @@ fn spec(id: &str, disks: Vec<DiskSpec>) -> VmSpec {
         initrd: None,
         cmdline: None,
         netns: None,
+        smbios_serial: None,
     }
 }
 

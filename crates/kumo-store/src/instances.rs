@@ -49,6 +49,12 @@ pub struct InstanceRow {
     pub placement_group_id: Option<String>,
     pub requested_site: Option<String>,
     pub constraints: Vec<String>,
+    /// Security group ids, in the instance's order.
+    pub security_group_ids: Vec<String>,
+    /// The key pair it was launched with.
+    pub key_name: Option<String>,
+    /// The elastic IP associated with it.
+    pub public_ip: Option<String>,
 }
 
 /// Launch details the EC2 API records with a new instance; empty for the native API.
@@ -79,14 +85,7 @@ pub struct NewInstance {
     pub key_name: Option<String>,
 }
 
-#[derive(Debug, Clone)]
-pub struct NetworkRow {
-    pub id: String,
-    pub project_id: String,
-    pub name: String,
-    pub cidr: String,
-    pub gateway: String,
-}
+pub use crate::networks::NetworkRow;
 
 /// What an agent reported about one VM.
 #[derive(Debug, Clone)]
@@ -96,7 +95,9 @@ pub struct Observation {
     pub error: Option<String>,
 }
 
-pub(crate) const COLS: &str = "id, project_id, name, image_id, instance_type, vcpus, memory_mib, disk_gib, state, desired, reboot_seq, host_id, network_id, mac, private_ip, generation, observed_generation, last_error, created_at, updated_at, terminated_at, user_data, reservation_id, launch_index, client_token, placement_group_id, requested_site, constraints";
+pub(crate) const COLS: &str = "id, project_id, name, image_id, instance_type, vcpus, memory_mib, disk_gib, state, desired, reboot_seq, host_id, network_id, mac, private_ip, generation, observed_generation, last_error, created_at, updated_at, terminated_at, user_data, reservation_id, launch_index, client_token, placement_group_id, requested_site, constraints, key_name,
+    (SELECT group_concat(group_id, ' ' ORDER BY position) FROM instance_security_groups WHERE instance_id = instances.id) AS security_group_ids,
+    (SELECT public_ip FROM addresses WHERE instance_id = instances.id) AS public_ip";
 
 pub(crate) fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<InstanceRow> {
     let state: String = r.try_get("state")?;
@@ -131,6 +132,14 @@ pub(crate) fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<InstanceRow> {
         requested_site: r.try_get("requested_site")?,
         constraints: serde_json::from_str(&r.try_get::<String, _>("constraints")?)
             .map_err(|_| StoreError::Corrupt("constraints"))?,
+        security_group_ids: r
+            .try_get::<Option<String>, _>("security_group_ids")?
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+        key_name: r.try_get("key_name")?,
+        public_ip: r.try_get("public_ip")?,
     })
 }
 
@@ -163,44 +172,6 @@ fn random_mac() -> String {
 }
 
 impl Store {
-    pub async fn create_network(
-        &self,
-        project_id: &str,
-        name: &str,
-        cidr: &str,
-    ) -> Result<NetworkRow> {
-        let (net, _) = parse_cidr(cidr)?;
-        let gateway = Ipv4Addr::from(u32::from(net) + 1).to_string();
-        let id = new_id(IdKind::Network);
-        sqlx::query(
-            "INSERT INTO networks (id, project_id, name, cidr, gateway, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&id)
-        .bind(project_id)
-        .bind(name)
-        .bind(cidr)
-        .bind(&gateway)
-        .bind(now_str())
-        .execute(&self.pool)
-        .await?;
-        self.network(&id).await
-    }
-
-    pub async fn network(&self, id: &str) -> Result<NetworkRow> {
-        let r = sqlx::query("SELECT id, project_id, name, cidr, gateway FROM networks WHERE id = $1 OR name = $1 ORDER BY created_at LIMIT 1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| StoreError::NotFound { kind: "network", id: id.to_string() })?;
-        Ok(NetworkRow {
-            id: r.try_get("id")?,
-            project_id: r.try_get("project_id")?,
-            name: r.try_get("name")?,
-            cidr: r.try_get("cidr")?,
-            gateway: r.try_get("gateway")?,
-        })
-    }
-
     /// Place and record a new instance in one step: `place` chooses a host (an index into
     /// the placement's hosts), and the reservation is written before anyone else can place.
     pub async fn create_instance(
@@ -234,13 +205,21 @@ impl Store {
                 )));
             }
         }
+        // Networks are read under the lock: a network being deleted cannot gain an instance.
+        let mut placement = self.placement().await?;
         let mut networks: HashMap<String, NetworkRow> = HashMap::new();
         for n in news {
             if !networks.contains_key(&n.network_id) {
-                networks.insert(n.network_id.clone(), self.network(&n.network_id).await?);
+                let net = self.live_network(&n.network_id).await?;
+                if net.project_id != scope.project_id {
+                    return Err(StoreError::Invalid(format!(
+                        "network {} is not a network of this project",
+                        net.id
+                    )));
+                }
+                networks.insert(n.network_id.clone(), net);
             }
         }
-        let mut placement = self.placement().await?;
         self.check_names_free(scope, news).await?;
         // Decide every placement in memory first; undo them all if the batch fails.
         let mut claims: Vec<Claim> = Vec::with_capacity(news.len());
@@ -342,8 +321,9 @@ impl Store {
                 .map_err(|_| StoreError::Corrupt("constraints"))?;
             let row = sqlx::query(&format!(
                 "INSERT INTO instances (id, project_id, name, image_id, instance_type, vcpus, memory_mib, disk_gib, state, desired, reboot_seq, host_id, network_id, mac, private_ip, generation, observed_generation, created_at, updated_at,
-                     user_data, reservation_id, launch_index, client_token, placement_group_id, requested_site, constraints)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 'running', 0, $9, $10, $11, $12, 1, 0, $13, $13, $14, $15, $16, $17, $18, $19, $20)
+                     user_data, reservation_id, launch_index, client_token, placement_group_id, requested_site, constraints, key_name, public_key)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 'running', 0, $9, $10, $11, $12, 1, 0, $13, $13, $14, $15, $16, $17, $18, $19, $20,
+                     $21, (SELECT public_key FROM key_pairs WHERE project_id = $2 AND name = $21))
                  RETURNING {COLS}"
             ))
             .bind(new_id(IdKind::Instance))
@@ -366,9 +346,18 @@ impl Store {
             .bind(new.placement_group.as_ref().map(|g| &g.id))
             .bind(&new.site)
             .bind(constraints)
+            .bind(&new.key_name)
             .fetch_one(&mut *tx)
             .await?;
-            out.push(from_row(&row)?);
+            let mut row = from_row(&row)?;
+            row.security_group_ids = crate::security::record_launch(
+                &mut tx,
+                &row.id,
+                &new.security_group_ids,
+                new.key_name.as_deref(),
+            )
+            .await?;
+            out.push(row);
         }
         tx.commit().await?;
         Ok(out)
@@ -472,6 +461,10 @@ impl Store {
             .execute(&self.pool)
             .await?;
             if done.rows_affected() == 1 {
+                if next.desired == "terminated" {
+                    // A terminating instance loses its elastic IP (the allocation stays).
+                    self.disassociate_instance(&cur.id).await?;
+                }
                 let after = self.instance(&Scope::system(), &cur.id).await?;
                 if let (Some(old), Some(new)) = (Claim::of(&cur), Claim::of(&after)) {
                     if old.vcpus != new.vcpus
@@ -595,6 +588,7 @@ impl Store {
             .execute(&self.pool)
             .await?;
             if done.rows_affected() == 1 {
+                self.disassociate_instance(&row.id).await?;
                 match Claim::of(row) {
                     Some(c) => placement.apply(&c, -1),
                     // Never placed: only its address was taken.

@@ -31,8 +31,16 @@ pub use groups::PlacementGroupRow;
 pub use hosts::{host_transition_allowed, HostRow, HostUsage, JoinToken};
 pub use images::{ImageRow, NewImage};
 pub use instances::{InstanceRow, LaunchExtras, NetworkRow, NewInstance, Observation};
+pub use networks::{
+    check_address_pool, AddressPoolRow, AddressPoolUsage, AddressRow, NetworkView, NewNetwork,
+    MAX_VLAN_TAG, MAX_VNI, TENANT_PREFIX, VXLAN_MTU,
+};
 pub use ops::{EventRow, IdempotencyClaim, IdempotentResponse, NewEvent, OperationRow};
 pub use placement::{Placement, PlacementGuard};
+pub use security::{
+    check_cidr, describe_rule, normalize_protocol, parse_public_key, KeyPairRow, NewSgRule,
+    PublicKey, SecurityGroupRow, SgRuleRow, DEFAULT_GROUP, MAX_GROUPS_PER_INSTANCE,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

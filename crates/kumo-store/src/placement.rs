@@ -212,6 +212,11 @@ impl Placement {
             })
     }
 
+    /// A deleted network's addresses are not needed any more.
+    pub(crate) fn forget_network(&mut self, network_id: &str) {
+        self.networks.remove(network_id);
+    }
+
     pub(crate) fn give_ip(&mut self, network_id: &str, ip: Ipv4Addr) {
         if let Some(pool) = self.networks.get_mut(network_id) {
             pool.used.remove(&u32::from(ip));

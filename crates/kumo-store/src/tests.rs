@@ -40,6 +40,8 @@ fn new_instance(name: &str, image: &str, network: &str) -> NewInstance {
         placement_group: None,
         site: None,
         constraints: vec![],
+        security_group_ids: vec![],
+        key_name: None,
     }
 }
 

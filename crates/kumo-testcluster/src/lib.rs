@@ -210,6 +210,22 @@ fn log_file(path: &Path) -> Result<(Stdio, Stdio), ClusterError> {
 /// Make the child die with this process (SIGKILL), so a killed test leaves no controller or
 /// agent behind. Note: the kernel ties this to the *thread* that spawns the child; spawn from
 /// a thread that lives as long as the cluster (a runtime worker or the main thread).
+/// The child joins the network namespace open as `ns` before it execs.
+fn enter_netns(cmd: &mut Command, ns: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let fd = ns.as_raw_fd();
+    // SAFETY: the closure runs between fork and exec and only calls setns(2) on a descriptor that
+    // the caller keeps open until after spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 fn die_with_parent(cmd: &mut Command) {
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs between fork and exec; it calls only async-signal-safe
@@ -652,10 +668,17 @@ impl Cluster {
         let h = &self.hosts[i];
         let hs = &self.spec.hosts[i];
         let (out, err) = log_file(&h.log)?;
-        let mut cmd = Command::new(sys::ip_bin());
-        cmd.args(["netns", "exec", &h.netns])
-            .arg(&self.spec.kumo_bin)
-            .args([
+        // Only the network namespace is entered (not `ip netns exec`, which also gives the process a
+        // mount namespace of its own): the router namespaces the agent creates with `ip netns add` must
+        // be visible to everyone else on the machine (tests, sweeps).
+        let ns_path = format!("/run/netns/{}", h.netns);
+        let ns_file = std::fs::File::open(&ns_path).map_err(|e| ClusterError::Host {
+            host: h.name.clone(),
+            message: format!("opening {ns_path}: {e}"),
+        })?;
+        let mut cmd = Command::new(&self.spec.kumo_bin);
+        enter_netns(&mut cmd, &ns_file);
+        cmd.args([
                 "agent",
                 "--controller",
                 &self.endpoint,
@@ -707,12 +730,12 @@ impl Cluster {
         if std::env::var_os("KUMO_LOG").is_none() {
             cmd.env("KUMO_LOG", "info,kumo=debug");
         }
-        // `ip netns exec` execs the agent in place, so the death signal and the pid carry over.
         die_with_parent(&mut cmd);
         let child = cmd.spawn().map_err(|e| ClusterError::Host {
             host: h.name.clone(),
             message: format!("starting its agent: {e}"),
         })?;
+        drop(ns_file);
         self.agents[i] = Some(child);
         Ok(())
     }

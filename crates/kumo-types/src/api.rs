@@ -216,6 +216,9 @@ pub struct Instance {
     pub desired: String,
     pub host_id: Option<String>,
     pub private_ip: Option<String>,
+    /// The elastic IP associated with the instance.
+    #[serde(default)]
+    pub public_ip: Option<String>,
     pub mac: Option<String>,
     pub generation: i64,
     pub last_error: Option<String>,
@@ -226,6 +229,12 @@ pub struct Instance {
     pub placement_group_id: Option<String>,
     pub requested_site: Option<String>,
     pub constraints: Vec<String>,
+    /// Security group ids, in order.
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+    /// The key pair the instance was launched with.
+    #[serde(default)]
+    pub key_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]

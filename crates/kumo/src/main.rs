@@ -10,7 +10,11 @@ mod up;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use kumo_cli::{Client, ClientConfig, HostCmd, ImageCmd, PlacementGroupCmd, VmCmd};
+use kumo_cli::{
+    AddressCmd, AddressPoolCmd, Client, ClientConfig, HostCmd, ImageCmd, NetworkCmd,
+    PlacementGroupCmd, VmCmd,
+};
+use kumo_cli::{KeyCmd, SgCmd};
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +50,21 @@ enum Cmd {
     /// Spread placement groups: keep a service's instances on different hosts.
     #[command(subcommand, name = "placement-group", alias = "pg")]
     PlacementGroup(PlacementGroupCmd),
+    /// Security groups: which traffic may reach instances and leave them.
+    #[command(subcommand, alias = "security-group")]
+    Sg(SgCmd),
+    /// SSH key pairs for instances.
+    #[command(subcommand, alias = "key-pair")]
+    Key(KeyCmd),
+    /// Tenant networks of your project.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// The public address pool elastic IPs come from (administrators).
+    #[command(subcommand, name = "address-pool")]
+    AddressPool(AddressPoolCmd),
+    /// Elastic IPs: public addresses mapped to instances.
+    #[command(subcommand)]
+    Address(AddressCmd),
     /// Recent events from the journal.
     Events {
         #[arg(long, default_value_t = 50)]
@@ -118,6 +137,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Image(c) => Ok(c.run(&client()?).await?),
         Cmd::Host(c) => Ok(c.run(&client()?).await?),
         Cmd::PlacementGroup(c) => Ok(c.run(&client()?).await?),
+        Cmd::Sg(c) => Ok(c.run(&client()?).await?),
+        Cmd::Key(c) => Ok(c.run(&client()?).await?),
+        Cmd::Network(c) => Ok(c.run(&client()?).await?),
+        Cmd::AddressPool(c) => Ok(c.run(&client()?).await?),
+        Cmd::Address(c) => Ok(c.run(&client()?).await?),
         Cmd::Events { limit } => {
             for e in client()?.events(limit).await? {
                 println!(

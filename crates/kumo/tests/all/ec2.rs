@@ -749,9 +749,9 @@ async fn ec2_bad_input() {
     ec2.err(&[("Action", "CreateVolume")], 400, "UnsupportedOperation")
         .await;
     ec2.err(
-        &[("Action", "DescribeKeyPairs")],
+        &[("Action", "DescribeKeyPairs"), ("KeyName.1", "nope")],
         400,
-        "UnsupportedOperation",
+        "InvalidKeyPair.NotFound",
     )
     .await;
     ec2.err(&[("Action", "LaunchRockets")], 400, "InvalidAction")
