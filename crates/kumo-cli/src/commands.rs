@@ -51,6 +51,9 @@ pub enum VmCmd {
         /// The key pair (see `kumo key`) whose public key the guest gets.
         #[arg(long)]
         key: Option<String>,
+        /// User data for the guest (e.g. a #cloud-config file), served by the metadata service.
+        #[arg(long, value_name = "FILE")]
+        user_data_file: Option<std::path::PathBuf>,
         /// Create this many (named NAME-0, NAME-1 ...), placed in one step: all or none.
         #[arg(long, default_value_t = 1)]
         count: u32,
@@ -381,11 +384,18 @@ impl VmCmd {
                 network,
                 security_groups,
                 key,
+                user_data_file,
                 count,
                 wait,
                 idempotency_key,
                 output,
             } => {
+                let user_data = match user_data_file {
+                    Some(p) => Some(std::fs::read_to_string(&p).map_err(|e| {
+                        ClientError::Http(format!("reading {}: {e}", p.display()))
+                    })?),
+                    None => None,
+                };
                 let req = CreateInstance {
                     name,
                     image,
@@ -396,6 +406,7 @@ impl VmCmd {
                     network,
                     security_groups,
                     key_name: key,
+                    user_data,
                     ..Default::default()
                 };
                 if count != 1 {

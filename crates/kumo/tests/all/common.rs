@@ -359,37 +359,27 @@ impl Cloud {
             .collect()
     }
 
-    /// Run a command inside an agent's VM namespace (e.g. to reach a guest).
-    pub fn in_netns(&self, n: usize, args: &[&str]) -> std::process::Output {
-        let ns = self.agents[n]
-            .netns
-            .as_deref()
-            .expect("agent has a namespace");
-        Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(args)
-            .output()
-            .expect("ip netns exec")
+    /// The router namespaces of an agent's networks (`<vm netns>-r-<key>`, one per network).
+    pub fn routers(&self, n: usize) -> Vec<String> {
+        let Some(ns) = &self.agents[n].netns else {
+            return vec![];
+        };
+        router_namespaces(ns)
     }
 
-    /// HTTP GET from inside the agent's VM namespace.
+    /// HTTP GET from a router namespace of the agent's networks (where guests are reachable
+    /// from: the gateway side).
     pub fn guest_http(&self, n: usize, ip: &str, path: &str) -> Option<String> {
-        let out = self.in_netns(
-            n,
-            &[
-                "timeout",
-                "5",
-                "busybox",
-                "wget",
-                "-q",
-                "-O",
-                "-",
-                &format!("http://{ip}{path}"),
-            ],
-        );
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        self.routers(n).iter().find_map(|r| {
+            let out = Command::new("ip")
+                .args(["netns", "exec", r, "timeout", "5", "busybox", "wget", "-q", "-O", "-"])
+                .arg(format!("http://{ip}{path}"))
+                .output()
+                .ok()?;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        })
     }
 }
 
@@ -495,10 +485,12 @@ impl Drop for Cloud {
         }
         for a in &self.agents {
             if let Some(ns) = &a.netns {
-                let _ = Command::new("ip")
-                    .args(["netns", "del", ns])
-                    .stderr(Stdio::null())
-                    .status();
+                for r in router_namespaces(ns).iter().chain([ns]) {
+                    let _ = Command::new("ip")
+                        .args(["netns", "del", r])
+                        .stderr(Stdio::null())
+                        .status();
+                }
             }
         }
         if std::env::var_os("KUMO_TEST_KEEP").is_some() {
@@ -510,6 +502,21 @@ impl Drop for Cloud {
             eprintln!("kept test dir {}", p.display());
         }
     }
+}
+
+/// Named namespaces `<ns>-r-*`: an agent's router namespaces.
+pub fn router_namespaces(ns: &str) -> Vec<String> {
+    let prefix = format!("{ns}-r-");
+    let mut v: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
 }
 
 static GUEST: OnceCell<PathBuf> = OnceCell::const_new();
