@@ -407,7 +407,6 @@ impl VmCmd {
                     security_groups,
                     key_name: key,
                     user_data,
-                    ..Default::default()
                 };
                 if count != 1 {
                     return create_batch(client, req, count, wait, idempotency_key, output).await;

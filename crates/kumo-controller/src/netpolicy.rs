@@ -161,21 +161,19 @@ impl Controller {
             gateway: p.gateway,
         });
 
+        // Every port here is on this host: its site is the availability zone.
+        let site = self.store.host(host_id).await?.site;
         let mut ports = Vec::with_capacity(rows.len());
         for r in &rows {
             let groups = port_groups.remove(&r.id).unwrap_or_default();
             let public_ip = public_ips.get(&r.id).cloned();
-            let site = match &r.host_id {
-                Some(h) => self.store.host(h).await.map(|h| h.site).unwrap_or_default(),
-                None => String::new(),
-            };
             let metadata = VmMetadata {
                 instance_id: r.id.clone(),
                 hostname: r.name.clone(),
                 local_ipv4: r.private_ip.clone(),
                 public_ipv4: public_ip.clone(),
                 mac: r.mac.clone(),
-                availability_zone: site,
+                availability_zone: site.clone(),
                 instance_type: r.instance_type.clone(),
                 ami_id: r.image_id.clone(),
                 reservation_id: r.reservation_id.clone().unwrap_or_default(),
