@@ -26,6 +26,23 @@ pub(crate) fn bridge_name(network_id: &str) -> String {
     format!("kb-{tail}")
 }
 
+/// A network as kumo-network renders it: named by its id (names repeat across projects), with what the
+/// policy adds (MTU, isolation, peers) when known.
+fn network_spec(
+    n: &kumo_types::agent::NetworkDesired,
+    info: Option<&kumo_types::agent::NetworkInfo>,
+) -> NetworkSpec {
+    NetworkSpec {
+        name: n.id.clone(),
+        bridge: bridge_name(&n.id),
+        cidr: n.cidr.clone(),
+        gateway: n.gateway.clone(),
+        mtu: info.and_then(|i| i.mtu),
+        isolation: info.map(|i| i.isolation).unwrap_or(Isolation::Local),
+        peers: info.map(|i| i.peers.clone()).unwrap_or_default(),
+    }
+}
+
 /// What the agent knows of the network side, shared with the metadata listeners.
 #[derive(Default)]
 pub(crate) struct TenantState {
@@ -102,20 +119,9 @@ impl Agent {
             let d = &e.rec.desired;
             let n = &d.nic;
             let info = infos.get(n.network.id.as_str());
-            let entry = nets.entry(n.network.id.clone()).or_insert_with(|| {
-                (
-                    NetworkSpec {
-                        name: n.network.id.clone(),
-                        bridge: bridge_name(&n.network.id),
-                        cidr: n.network.cidr.clone(),
-                        gateway: n.network.gateway.clone(),
-                        mtu: info.and_then(|i| i.mtu),
-                        isolation: info.map(|i| i.isolation).unwrap_or(Isolation::Local),
-                        peers: info.map(|i| i.peers.clone()).unwrap_or_default(),
-                    },
-                    vec![],
-                )
-            });
+            let entry = nets
+                .entry(n.network.id.clone())
+                .or_insert_with(|| (network_spec(&n.network, info.copied()), vec![]));
             let port = ports.get(d.id.as_str());
             entry.1.push(PortSpec {
                 tap: kumo_network::tap_name(&d.id),
@@ -221,15 +227,7 @@ impl Agent {
         let net = self.net.as_ref()?;
         let map = self.vms.map.lock().await;
         let d = &map.get(id)?.rec.desired;
-        let spec = NetworkSpec {
-            name: d.nic.network.id.clone(),
-            bridge: bridge_name(&d.nic.network.id),
-            cidr: d.nic.network.cidr.clone(),
-            gateway: d.nic.network.gateway.clone(),
-            mtu: None,
-            isolation: Isolation::Local,
-            peers: vec![],
-        };
+        let spec = network_spec(&d.nic.network, None);
         Some((net.router_netns(&spec), d.nic.ip.clone()))
     }
 
