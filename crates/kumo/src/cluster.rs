@@ -166,6 +166,12 @@ fn print_summary(c: &Cluster, cfg_path: &std::path::Path) {
         );
     }
     println!("  data and logs: {}", c.dir().display());
+    println!(
+        "  public network {} (VXLAN over the management network between hosts); the outside: namespace {} at {}",
+        kumo_testcluster::PUBLIC_CIDR,
+        c.outside_netns(),
+        kumo_testcluster::OUTSIDE_IP
+    );
     println!();
     println!("Use it from another shell:");
     println!("  export KUMO_CONFIG={}", cfg_path.display());
@@ -174,6 +180,15 @@ fn print_summary(c: &Cluster, cfg_path: &std::path::Path) {
     println!(
         "  ip netns exec {} ip addr   # look inside a host",
         c.hosts()[0].netns
+    );
+    println!(
+        "  kumo address-pool set --cidr {} --gateway {} --range 203.0.113.10-203.0.113.200   # elastic IPs",
+        kumo_testcluster::PUBLIC_CIDR,
+        kumo_testcluster::OUTSIDE_IP
+    );
+    println!(
+        "  ip netns exec {} busybox wget -q -O - http://<elastic ip>/   # from the outside",
+        c.outside_netns()
     );
     println!();
     println!("Press Ctrl-C to tear it all down (VMs included).");
