@@ -49,6 +49,9 @@ pub enum NetworkError {
         found: String,
         expected: &'static str,
     },
+    /// A network's router namespace is not as the links were just made (e.g. its gateway end missing).
+    #[error("router namespace {ns}: {detail}")]
+    Router { ns: String, detail: String },
     /// dnsmasq for a network could not be started or stopped.
     #[error("dnsmasq for network {network}: {detail}")]
     Dnsmasq { network: String, detail: String },

@@ -225,13 +225,6 @@ impl HostNetwork {
                 repairs.push(format!("stopped dnsmasq for {name} (network removed)"));
             }
         }
-        let wanted_routers: std::collections::BTreeSet<&String> = routers.values().collect();
-        for ns in &owned.routers {
-            if !wanted_routers.contains(ns) && netns::exists(ns) {
-                netns::delete(&self.ip, ns).await?;
-                repairs.push(format!("removed router namespace {ns}"));
-            }
-        }
         let mut new_routers = std::collections::BTreeSet::new();
         for ns in routers.values() {
             if router::ensure(&self.ip, ns).await? {
@@ -246,11 +239,26 @@ impl HostNetwork {
             trunk: self.opts.trunk.clone(),
             public_bridge: self.opts.public_bridge.clone(),
             routers: routers.clone(),
+            fresh_routers: new_routers.clone(),
         };
         let current = self.read_links().await?;
         let plan = links::plan(&current, &desired, &owned, self.netns.is_some(), &wiring)?;
+        // A veth end left in an existing router (its host end vanished first) would make the add fail.
+        for (ns, inside) in &plan.stale_router_ends {
+            router::remove_link(&self.ip, ns, inside).await?;
+        }
         self.ip_batch(&plan.batch).await?;
         repairs.extend(plan.repairs);
+
+        // Routers go after their host-side veths: the kernel removes a dead namespace's veths
+        // asynchronously, and a batch naming one that is vanishing fails.
+        let wanted_routers: std::collections::BTreeSet<&String> = routers.values().collect();
+        for ns in &owned.routers {
+            if !wanted_routers.contains(ns) && netns::exists(ns) {
+                netns::delete(&self.ip, ns).await?;
+                repairs.push(format!("removed router namespace {ns}"));
+            }
+        }
 
         for net in &desired {
             if let (Some((dev, _)), Isolation::Vxlan { .. }) = (wiring.uplink(net), net.isolation) {
@@ -499,15 +507,16 @@ impl HostNetwork {
         for name in &networks {
             dnsmasq::remove(&self.state_dir, name).await?;
         }
-        for ns in &ledger.routers {
-            netns::delete(&self.ip, ns).await?;
-        }
         let ns_present = self.netns.as_deref().is_none_or(netns::exists);
         if ns_present {
             let current = self.read_links().await?;
             let plan = links::plan(&current, &[], &ledger, false, &links::Wiring::default())?;
             self.ip_batch(&plan.batch).await?;
             self.remove_firewall().await?;
+        }
+        // After the veths (see apply).
+        for ns in &ledger.routers {
+            netns::delete(&self.ip, ns).await?;
         }
         if let (Some(ns), true) = (&self.netns, ledger.netns_created) {
             netns::delete(&self.ip, ns).await?;

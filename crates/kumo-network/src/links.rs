@@ -96,6 +96,9 @@ pub(crate) struct LinkPlan {
     pub created_bridges: BTreeSet<String>,
     /// Router and public veths (host ends) created by this plan: their namespace ends are new too.
     pub created_veths: BTreeSet<String>,
+    /// (router namespace, interface) to delete before the batch: the inside end of a veth about to be
+    /// re-created, possibly left behind when its host end went first.
+    pub stale_router_ends: Vec<(String, String)>,
 }
 
 /// Host facts the links depend on besides the desired networks.
@@ -109,6 +112,9 @@ pub(crate) struct Wiring {
     pub public_bridge: Option<String>,
     /// Network name → its router namespace.
     pub routers: HashMap<String, String>,
+    /// Router namespaces created just now: their veths are new whatever the host side shows (a
+    /// namespace deleted by hand can linger, with its end of the old veth, while a process holds it).
+    pub fresh_routers: BTreeSet<String>,
 }
 
 impl Wiring {
@@ -366,9 +372,10 @@ pub(crate) fn plan(
         if let Some(public) = &wiring.public_bridge {
             veths.push((net.public_port(), crate::spec::ROUTER_OUTSIDE, public.clone()));
         }
+        let fresh = wiring.fresh_routers.contains(router);
         for (port, inside, master) in veths {
             match by_name.get(port.as_str()) {
-                Some(link) if link.kind() == "veth" => {
+                Some(link) if link.kind() == "veth" && !fresh => {
                     let rebridged = master == *br && bridge_created;
                     if rebridged || link.master.as_deref() != Some(master.as_str()) {
                         plan.batch.push(format!("link set dev {port} master {master}"));
@@ -388,6 +395,10 @@ pub(crate) fn plan(
                             });
                         }
                         plan.batch.push(format!("link del dev {port}"));
+                    }
+                    if !fresh {
+                        plan.stale_router_ends
+                            .push((router.clone(), inside.to_string()));
                     }
                     plan.batch.push(format!(
                         "link add {port}{mtu} type veth peer name {inside} netns {router}"
@@ -439,6 +450,7 @@ mod tests {
                 mtu: None,
                 isolation: crate::Isolation::Local,
                 peers: vec![],
+                ipv6_cidr: None,
             },
             ports,
         )])

@@ -1,9 +1,9 @@
-//! A network's router namespace: the gateway address (and its fixed MAC) on `int0`, the metadata address on
-//! `lo`, elastic IPs on `ext0` with the public pool's routes. Each network routes in its own namespace, so two
+//! A network's router namespace: the gateway address (and its fixed MAC) on `int0` (plus `<prefix>::1/64` on
+//! a dual-stack network), the metadata address on `lo`, elastic IPs on `ext0` with the public pool's routes. Each network routes in its own namespace, so two
 //! projects may use the same CIDR on one host. The veths themselves are made from the host side (links.rs).
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use serde::Deserialize;
@@ -20,11 +20,32 @@ pub(crate) async fn ensure(ip: &Path, ns: &str) -> Result<bool, NetworkError> {
         return Ok(false);
     }
     netns::create(ip, ns).await?;
-    let args: Vec<String> = ["netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]
-        .map(String::from)
-        .to_vec();
+    // Set before int0 moves in, which then inherits `default`: without DAD its link-local and gateway
+    // addresses are usable at once (dnsmasq binds them when it starts right after).
+    let args: Vec<String> = [
+        "netns",
+        "exec",
+        ns,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+        "net.ipv6.conf.all.forwarding=1",
+        "net.ipv6.conf.default.accept_dad=0",
+    ]
+    .map(String::from)
+    .to_vec();
     cmd::run(ip, &args, None).await?;
     Ok(true)
+}
+
+/// IPv6 addresses of a link outside fe80::/10, with their prefix lengths.
+fn global_v6(link: &Link) -> Vec<(Ipv6Addr, u8)> {
+    link.addr_info
+        .iter()
+        .filter(|a| a.family.as_deref() == Some("inet6"))
+        .filter_map(|a| Some((a.local.as_deref()?.parse::<Ipv6Addr>().ok()?, a.prefixlen?)))
+        .filter(|(a, _)| a.segments()[0] & 0xffc0 != 0xfe80)
+        .collect()
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,7 +66,9 @@ pub(crate) async fn apply(
     net: &Network,
     public: Option<&PublicNetwork>,
 ) -> Result<Vec<String>, NetworkError> {
-    let show: Vec<String> = ["-n", ns, "-j", "-d", "addr", "show"].map(String::from).to_vec();
+    let show: Vec<String> = ["-n", ns, "-j", "-d", "addr", "show"]
+        .map(String::from)
+        .to_vec();
     let links = parse_links(&cmd::describe(ip, &show), &cmd::run(ip, &show, None).await?)?;
     let find = |name: &str| links.iter().find(|l| l.ifname == name);
     let mut batch = Vec::new();
@@ -60,7 +83,13 @@ pub(crate) async fn apply(
             repairs.push(format!("{ns}: added the metadata address"));
         }
     }
-    if let Some(int) = find(ROUTER_INSIDE) {
+    let Some(int) = find(ROUTER_INSIDE) else {
+        return Err(NetworkError::Router {
+            ns: ns.to_string(),
+            detail: format!("no {ROUTER_INSIDE} (its veth to the bridge is missing)"),
+        });
+    };
+    {
         let mac = net.gateway_mac();
         if int.address.as_deref().map(str::to_ascii_lowercase) != Some(mac.clone()) {
             batch.push(format!("link set dev {ROUTER_INSIDE} address {mac}"));
@@ -77,6 +106,30 @@ pub(crate) async fn apply(
                 net.gateway, net.prefix
             ));
             repairs.push(format!("{ns}: set gateway {}/{}", net.gateway, net.prefix));
+        }
+        let want6 = net.gateway6().map(|g| (g, 64u8));
+        for (a, p) in global_v6(int) {
+            if Some((a, p)) != want6 {
+                batch.push(format!("address del {a}/{p} dev {ROUTER_INSIDE}"));
+                repairs.push(format!("{ns}: removed stray address {a}/{p}"));
+            }
+        }
+        if let Some((g, p)) = want6.filter(|w| !global_v6(int).contains(w)) {
+            // A router namespace made before IPv6 support may lack these; cheap, and only when adding.
+            let args: Vec<String> = [
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv6.conf.default.accept_dad=0",
+            ]
+            .map(String::from)
+            .to_vec();
+            cmd::run(ip, &args, None).await?;
+            batch.push(format!("address add {g}/{p} dev {ROUTER_INSIDE} nodad"));
+            repairs.push(format!("{ns}: set IPv6 gateway {g}/{p}"));
         }
         if !int.is_up() {
             batch.push(format!("link set dev {ROUTER_INSIDE} up"));
@@ -122,7 +175,9 @@ pub(crate) async fn apply(
             });
             if !present {
                 match &via {
-                    Some(gw) => lines.push(format!("route replace {dst} via {gw} dev {ROUTER_OUTSIDE}")),
+                    Some(gw) => {
+                        lines.push(format!("route replace {dst} via {gw} dev {ROUTER_OUTSIDE}"))
+                    }
                     None => lines.push(format!("route replace {dst} dev {ROUTER_OUTSIDE}")),
                 }
                 repairs.push(format!("{ns}: route {dst}"));
@@ -133,6 +188,18 @@ pub(crate) async fn apply(
         }
     }
     Ok(repairs)
+}
+
+/// Deletes an interface of a router namespace if it is there.
+pub(crate) async fn remove_link(ip: &Path, ns: &str, ifname: &str) -> Result<(), NetworkError> {
+    let show: Vec<String> = ["-n", ns, "-j", "link", "show"].map(String::from).to_vec();
+    let out = cmd::run(ip, &show, None).await?;
+    let links = parse_links(&cmd::describe(ip, &show), &out)?;
+    if links.iter().any(|l| l.ifname == ifname) {
+        let del: Vec<String> = ["-n", ns, "link", "del", ifname].map(String::from).to_vec();
+        cmd::run(ip, &del, None).await?;
+    }
+    Ok(())
 }
 
 async fn run_batch(ip: &Path, ns: &str, lines: &[String]) -> Result<(), NetworkError> {

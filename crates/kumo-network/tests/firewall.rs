@@ -290,6 +290,7 @@ fn desired(ingress: Vec<RulePolicy>) -> (Vec<(NetworkSpec, Vec<PortSpec>)>, Vec<
         mtu: None,
         isolation: Isolation::Local,
         peers: vec![],
+        ipv6_cidr: None,
     };
     let port = |tap: &str, mac: &str, ip: &str, groups: &[&str], eip: Option<&str>| PortSpec {
         tap: tap.into(),
