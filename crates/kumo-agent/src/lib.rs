@@ -112,9 +112,10 @@ pub async fn start(cfg: Config) -> Result<Arc<Agent>, AgentError> {
         }
     };
     let net = if cfg.hypervisor == "qemu" {
-        let router_prefix = cfg.router_prefix.clone().unwrap_or_else(|| {
-            format!("{}-r-", cfg.vm_netns.as_deref().unwrap_or("kumo"))
-        });
+        let router_prefix = cfg
+            .router_prefix
+            .clone()
+            .unwrap_or_else(|| format!("{}-r-", cfg.vm_netns.as_deref().unwrap_or("kumo")));
         let opts = kumo_network::HostOptions {
             router_prefix,
             tunnel_ip: cfg.tunnel_ip,

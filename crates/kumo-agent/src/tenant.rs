@@ -40,6 +40,7 @@ fn network_spec(
         mtu: info.and_then(|i| i.mtu),
         isolation: info.map(|i| i.isolation).unwrap_or(Isolation::Local),
         peers: info.map(|i| i.peers.clone()).unwrap_or_default(),
+        ipv6_cidr: info.and_then(|i| i.ipv6_cidr.clone()),
     }
 }
 

@@ -18,6 +18,7 @@ pub fn instance(r: InstanceRow) -> Instance {
         host_id: r.host_id,
         private_ip: Some(r.private_ip),
         public_ip: r.public_ip,
+        ipv6: r.ipv6,
         mac: Some(r.mac),
         generation: r.generation,
         last_error: r.last_error,

@@ -30,6 +30,7 @@ fn network(v: NetworkView) -> Network {
         project_id: n.project_id,
         cidr: n.cidr,
         gateway: n.gateway,
+        ipv6_cidr: n.ipv6_cidr,
         isolation: n.isolation,
         vni: n.vni.and_then(|x| u32::try_from(x).ok()),
         vlan_tag: n.vlan_tag.and_then(|x| u32::try_from(x).ok()),
@@ -77,9 +78,9 @@ pub async fn list_networks(
 }
 
 #[utoipa::path(post, path = "/api/v1/networks", tag = "networks", request_body = CreateNetwork,
-    responses((status = 201, body = Network), (status = 400, body = ErrorBody, description = "bad name, CIDR or isolation"),
+    responses((status = 201, body = Network), (status = 400, body = ErrorBody, description = "bad name, CIDR, IPv6 prefix or isolation"),
         (status = 403, body = ErrorBody, description = "vlan networks are for administrators"),
-        (status = 409, body = ErrorBody, description = "the name is taken, the CIDR overlaps another network of the project, or the VLAN tag is used")))]
+        (status = 409, body = ErrorBody, description = "the name is taken, the CIDR (or IPv6 prefix) overlaps another network of the project, or the VLAN tag is used")))]
 pub async fn create_network(
     State(st): State<AppState>,
     Extension(c): Extension<Caller>,
@@ -94,6 +95,8 @@ pub async fn create_network(
         cidr: req.cidr,
         isolation: req.isolation,
         vlan_tag: req.vlan_tag.map(i64::from),
+        ipv6: req.ipv6,
+        ipv6_cidr: req.ipv6_cidr,
     };
     let v = st.ctl.create_network(&scope, &new).await?;
     Ok((StatusCode::CREATED, Json(network(v))))

@@ -318,6 +318,7 @@ fn show_instance(i: &Instance, output: Output) -> Result<(), ClientError> {
         ("host", i.host_id.clone().unwrap_or_default()),
         ("private ip", i.private_ip.clone().unwrap_or_default()),
         ("public ip", i.public_ip.clone().unwrap_or_default()),
+        ("ipv6", i.ipv6.clone().unwrap_or_default()),
         ("mac", i.mac.clone().unwrap_or_default()),
         ("security groups", i.security_groups.join(", ")),
         ("key", i.key_name.clone().unwrap_or_default()),
@@ -390,12 +391,13 @@ impl VmCmd {
                 idempotency_key,
                 output,
             } => {
-                let user_data = match user_data_file {
-                    Some(p) => Some(std::fs::read_to_string(&p).map_err(|e| {
-                        ClientError::Http(format!("reading {}: {e}", p.display()))
-                    })?),
-                    None => None,
-                };
+                let user_data =
+                    match user_data_file {
+                        Some(p) => Some(std::fs::read_to_string(&p).map_err(|e| {
+                            ClientError::Http(format!("reading {}: {e}", p.display()))
+                        })?),
+                        None => None,
+                    };
                 let req = CreateInstance {
                     name,
                     image,

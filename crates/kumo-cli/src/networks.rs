@@ -100,6 +100,13 @@ pub enum NetworkCmd {
         /// Make it a VLAN network with this 802.1Q tag (1-4094).
         #[arg(long = "vlan")]
         vlan_tag: Option<u32>,
+        /// Dual stack: also an IPv6 /64 (a random unique local one unless --ipv6-cidr gives it);
+        /// guests configure their address by SLAAC.
+        #[arg(long)]
+        ipv6: bool,
+        /// The IPv6 /64 of a dual-stack network, e.g. fd60:1::/64 (implies --ipv6).
+        #[arg(long = "ipv6-cidr")]
+        ipv6_cidr: Option<String>,
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
@@ -200,6 +207,10 @@ fn show_network(n: &Network, output: Output) -> Result<(), ClientError> {
         ("project", n.project_id.clone()),
         ("cidr", n.cidr.clone()),
         ("gateway", n.gateway.clone()),
+        (
+            "ipv6 cidr",
+            n.ipv6_cidr.clone().unwrap_or_else(|| "-".into()),
+        ),
         ("isolation", isolation),
         (
             "mtu",
@@ -233,6 +244,8 @@ impl NetworkCmd {
                 name,
                 cidr,
                 vlan_tag,
+                ipv6,
+                ipv6_cidr,
                 output,
             } => {
                 let n = client
@@ -241,12 +254,20 @@ impl NetworkCmd {
                         cidr,
                         isolation: vlan_tag.map(|_| "vlan".into()),
                         vlan_tag,
+                        ipv6,
+                        ipv6_cidr,
                     })
                     .await?;
                 if output == Output::Json {
                     return print_json(&n);
                 }
-                println!("{} {} ({}, gateway {})", n.id, n.name, n.cidr, n.gateway);
+                match &n.ipv6_cidr {
+                    Some(v6) => println!(
+                        "{} {} ({} and {v6}, gateway {})",
+                        n.id, n.name, n.cidr, n.gateway
+                    ),
+                    None => println!("{} {} ({}, gateway {})", n.id, n.name, n.cidr, n.gateway),
+                }
             }
             NetworkCmd::List { output } => {
                 let list = client.networks().await?;

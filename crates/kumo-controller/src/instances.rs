@@ -65,7 +65,11 @@ impl Controller {
                 )),
                 other => other.into(),
             })?;
-        if req.user_data.as_ref().is_some_and(|u| u.len() > MAX_USER_DATA) {
+        if req
+            .user_data
+            .as_ref()
+            .is_some_and(|u| u.len() > MAX_USER_DATA)
+        {
             return Err(OpError::Invalid(format!(
                 "user data is limited to {MAX_USER_DATA} bytes"
             )));
@@ -97,7 +101,9 @@ impl Controller {
         let security_group_ids = self
             .resolve_security_groups(scope, &req.security_groups)
             .await?;
-        let key_name = self.resolve_key_name(scope, req.key_name.as_deref()).await?;
+        let key_name = self
+            .resolve_key_name(scope, req.key_name.as_deref())
+            .await?;
         // The root disk is at least as large as the image.
         let image_gib = image.virtual_size.unwrap_or(0).div_ceil(1 << 30);
         let disk_gib = itype.disk_gib.max(image_gib);

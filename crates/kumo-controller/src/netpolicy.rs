@@ -34,7 +34,15 @@ fn rule_policy(
         (Some(c), _) => vec![c.clone()],
         (None, Some(g)) => members
             .get(g)
-            .map(|ips| ips.iter().map(|ip| format!("{ip}/32")).collect())
+            .map(|ips| {
+                ips.iter()
+                    .map(|ip| {
+                        // Dual-stack members come with their SLAAC address too.
+                        let host = if ip.contains(':') { 128 } else { 32 };
+                        format!("{ip}/{host}")
+                    })
+                    .collect()
+            })
             .unwrap_or_default(),
         (None, None) => vec![],
     };
@@ -77,7 +85,12 @@ impl Controller {
                     continue;
                 }
                 if !tunnels.contains_key(&h) {
-                    let t = self.store.host(&h).await.map(|r| r.tunnel_ip).unwrap_or_default();
+                    let t = self
+                        .store
+                        .host(&h)
+                        .await
+                        .map(|r| r.tunnel_ip)
+                        .unwrap_or_default();
                     tunnels.insert(h.clone(), t);
                 }
                 if let Some(t) = tunnels.get(&h).filter(|t| !t.is_empty()) {
@@ -92,6 +105,7 @@ impl Controller {
                 project_id: net.project_id,
                 cidr: net.cidr,
                 gateway: net.gateway,
+                ipv6_cidr: net.ipv6_cidr,
                 peers: peers.into_iter().collect(),
             });
         }

@@ -365,7 +365,19 @@ fn render_vpc(x: &mut Xml, v: &NetworkView) {
             x.elem("cidrBlockState", |x| x.leaf("state", "associated"));
         })
     });
-    x.empty("ipv6CidrBlockAssociationSet");
+    match &n.ipv6_cidr {
+        Some(v6) => x.elem("ipv6CidrBlockAssociationSet", |x| {
+            x.elem("item", |x| {
+                x.leaf(
+                    "associationId",
+                    &derived_id("vpc-cidr-assoc", &format!("{}:ipv6", n.id)),
+                );
+                x.leaf("ipv6CidrBlock", v6);
+                x.elem("ipv6CidrBlockState", |x| x.leaf("state", "associated"));
+            })
+        }),
+        None => x.empty("ipv6CidrBlockAssociationSet"),
+    }
     x.leaf("dhcpOptionsId", "default");
     x.leaf("instanceTenancy", "default");
     x.bool("isDefault", n.name == "default");
@@ -425,6 +437,7 @@ pub async fn create_vpc(ctx: &Ctx<'_>, mut p: Params) -> Result<String, Ec2Error
         cidr: cidr.clone(),
         isolation: None,
         vlan_tag: None,
+        ..NewNetwork::default()
     };
     let v = match ctx.ctl.create_network(&ctx.scope, &new).await {
         Ok(v) => v,

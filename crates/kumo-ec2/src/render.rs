@@ -248,6 +248,7 @@ mod tests {
             requested_site: None,
             constraints: vec![],
             public_ip: None,
+            ipv6: None,
             security_group_ids: vec![],
             key_name: None,
         }

@@ -102,11 +102,16 @@ pub(crate) async fn launch_groups(
 
 /// `IpProtocol` as EC2 shows it: `-1` for all.
 fn ec2_protocol(p: &str) -> &str {
-    if p == "all" {
-        "-1"
-    } else {
-        p
+    match p {
+        "all" => "-1",
+        // EC2 names ICMPv6 by its number.
+        "icmpv6" => "58",
+        _ => p,
     }
+}
+
+fn is_v6(cidr: &str) -> bool {
+    cidr.contains(':')
 }
 
 fn refuse_tags(p: &mut Params, what: &str) -> Result<(), Ec2Error> {
@@ -126,7 +131,8 @@ fn render_rule(x: &mut Xml, r: &SgRuleRow, owner: &str) {
     x.leaf("ipProtocol", ec2_protocol(&r.protocol));
     x.num("fromPort", r.from_port.unwrap_or(-1));
     x.num("toPort", r.to_port.unwrap_or(-1));
-    x.opt("cidrIpv4", r.cidr.as_deref());
+    x.opt("cidrIpv4", r.cidr.as_deref().filter(|c| !is_v6(c)));
+    x.opt("cidrIpv6", r.cidr.as_deref().filter(|c| is_v6(c)));
     if let Some(g) = &r.source_group_id {
         x.elem("referencedGroupInfo", |x| {
             x.leaf("groupId", g);
@@ -159,7 +165,7 @@ fn render_permissions(
         x.leaf("ipProtocol", ec2_protocol(proto));
         match (*proto, from, to) {
             ("all", _, _) => {}
-            ("icmp", _, _) => {
+            ("icmp" | "icmpv6", _, _) => {
                 x.num("fromPort", -1);
                 x.num("toPort", -1);
             }
@@ -179,12 +185,18 @@ fn render_permissions(
             x.opt("groupName", names.get(id).map(String::as_str));
             x.opt("description", r.description.as_deref());
         });
-        let ranges: Vec<&&SgRuleRow> = members.iter().filter(|r| r.cidr.is_some()).collect();
-        x.set("ipRanges", &ranges, |x, r| {
+        let (v6, v4): (Vec<&&SgRuleRow>, Vec<&&SgRuleRow>) = members
+            .iter()
+            .filter(|r| r.cidr.is_some())
+            .partition(|r| r.cidr.as_deref().is_some_and(is_v6));
+        x.set("ipRanges", &v4, |x, r| {
             x.leaf("cidrIp", r.cidr.as_deref().unwrap_or(""));
             x.opt("description", r.description.as_deref());
         });
-        x.empty("ipv6Ranges");
+        x.set("ipv6Ranges", &v6, |x, r| {
+            x.leaf("cidrIpv6", r.cidr.as_deref().unwrap_or(""));
+            x.opt("description", r.description.as_deref());
+        });
         x.empty("prefixListIds");
     });
 }

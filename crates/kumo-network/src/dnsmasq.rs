@@ -1,5 +1,6 @@
-//! One dnsmasq per network: static DHCP (MAC → IP, hostname) and DNS for the VM names, rendered from the
-//! desired state. It runs daemonized so that it outlives an agent restart; its pid file, command line and
+//! One dnsmasq per network: static DHCP (MAC → IP, hostname) and DNS for the VM names (A, and AAAA on a
+//! dual-stack network, where it also sends router advertisements for SLAAC and answers stateless DHCPv6),
+//! rendered from the desired state. It runs daemonized so that it outlives an agent restart; its pid file, command line and
 //! network namespace tell whether the running one is the wanted one.
 
 use std::collections::HashMap;
@@ -107,6 +108,17 @@ pub(crate) fn args(net: &Network, paths: &Paths) -> Vec<String> {
         // Forced: sent even to clients that do not ask for it (busybox udhcpc does not).
         a.push(format!("--dhcp-option-force=option:mtu,{mtu}"));
     }
+    if let (Some(prefix), Some(gw6)) = (net.ipv6, net.gateway6()) {
+        let int = crate::spec::ROUTER_INSIDE;
+        a.push("--enable-ra".into());
+        // SLAAC for addresses; stateless DHCPv6 only hands out the DNS server.
+        a.push(format!("--dhcp-range={prefix},ra-stateless,64,12h"));
+        a.push(format!("--dhcp-option=option6:dns-server,[{gw6}]"));
+        // Router lifetime 0: the prefix is on-link but the router is no default route (there is no IPv6
+        // beyond the network), so guests fail fast to IPv4 instead of timing out. RAs every 30 s.
+        let mtu = net.mtu.map(|m| format!("mtu:{m},")).unwrap_or_default();
+        a.push(format!("--ra-param={int},{mtu}30,0"));
+    }
     a
 }
 
@@ -122,6 +134,12 @@ pub(crate) fn render_dns_hosts(net: &Network) -> String {
     let mut s = String::new();
     for p in &net.ports {
         s.push_str(&format!("{} {}\n", p.ip, p.hostname));
+        if let Some(a) = net
+            .ipv6
+            .and_then(|pre| kumo_types::ipv6::eui64(pre, &p.mac).ok())
+        {
+            s.push_str(&format!("{a} {}\n", p.hostname));
+        }
     }
     s
 }
@@ -372,6 +390,7 @@ mod tests {
                 mtu: Some(1450),
                 isolation: crate::Isolation::Local,
                 peers: vec![],
+                ipv6_cidr: None,
             },
             ports,
         )])
@@ -388,6 +407,35 @@ mod tests {
         assert!(a.contains(&"--dhcp-range=10.77.0.0,static,255.255.255.0,12h".to_string()));
         assert!(a.contains(&"--dhcp-option-force=option:mtu,1450".to_string()));
         assert!(a.contains(&"--pid-file=/s/dnsmasq/default.pid".to_string()));
+        assert!(
+            !a.iter()
+                .any(|x| x.contains("enable-ra") || x.contains("ra-param")),
+            "no RA on IPv4-only: {a:?}"
+        );
+    }
+
+    #[test]
+    fn dual_stack_adds_ra_and_aaaa() {
+        let mut n = net(&[("02:00:00:00:00:01", "10.77.0.10")]);
+        n.ipv6 = Some("fd60:1::".parse().unwrap());
+        assert_eq!(
+            render_dns_hosts(&n),
+            "10.77.0.10 vm0\nfd60:1::ff:fe00:1 vm0\n"
+        );
+        let paths = Paths::new(Path::new("/s"), "default");
+        let a = args(&n, &paths);
+        let tail: Vec<&str> = a.iter().rev().take(4).rev().map(String::as_str).collect();
+        assert_eq!(
+            tail,
+            [
+                "--enable-ra",
+                "--dhcp-range=fd60:1::,ra-stateless,64,12h",
+                "--dhcp-option=option6:dns-server,[fd60:1::1]",
+                "--ra-param=int0,mtu:1450,30,0",
+            ]
+        );
+        // Deterministic: the running process's arguments are compared to decide restarts.
+        assert_eq!(a, args(&n, &paths));
     }
 
     #[test]

@@ -9,7 +9,11 @@
 //!   the egress tap into the lower 16 bits. A profile is a distinct set of security groups, numbered 1, 2,
 //!   … in the order of the sorted group lists. nft 1.0.6 can only OR constants into the mark, hence one
 //!   one-rule chain per profile behind a verdict map: per profile, not per port, keeps it small.
-//! - `inet kumo`: br_netfilter passes bridged IPv4 through the inet forward hook with conntrack (there
+//! - IPv6 (dual-stack networks only): taps send from their link-local and SLAAC (EUI-64) addresses, or
+//!   from `::` for DAD/MLD; never router advertisements, redirects or DHCPv6 replies; neighbour
+//!   advertisements only for their own addresses. Uplinks carry no RA/RS/DHCPv6 (each host's router
+//!   serves its own VMs). Security group rules render `ip6` lines for IPv6 peers.
+//! - `inet kumo`: br_netfilter passes bridged IPv4 and IPv6 through the inet forward hook with conntrack (there
 //!   `iifname` is the bridge, hence the marks). `vm_filter` accepts established traffic, the gateway's
 //!   services, then jumps to the sending port's egress chain and the receiving profile's ingress chain;
 //!   their allow rules `return` and they end in `drop`. Each bridge gets its own conntrack zone so that
@@ -19,12 +23,12 @@
 //! drop, and nothing reachable on the router itself from `ext0` but replies.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::error::NetworkError;
 use crate::spec::{
-    self, GroupPolicy, Network, NetworkSpec, Port, PortSpec, PublicNetwork, RulePolicy,
-    METADATA_IP, ROUTER_INSIDE, ROUTER_OUTSIDE,
+    self, GroupPolicy, Network, NetworkSpec, Port, PortSpec, PublicNetwork, METADATA_IP,
+    ROUTER_INSIDE, ROUTER_OUTSIDE,
 };
 
 /// The tables [`render_host`] replaces, as (family, name).
@@ -39,143 +43,7 @@ const MAX_PORTS: usize = 0xfffe;
 // ---------------------------------------------------------------------------------------------------
 // Security group rules, parsed.
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Proto {
-    All,
-    Icmp,
-    /// "tcp" or "udp", with an inclusive port range (None = all ports).
-    Ports(&'static str, Option<(u16, u16)>),
-}
-
-/// A rule reduced to what nft needs; `peers: None` = any IPv4 address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Rule {
-    proto: Proto,
-    peers: Option<Vec<(Ipv4Addr, u8)>>,
-}
-
-fn mask(prefix: u8) -> u32 {
-    if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(prefix))
-    }
-}
-
-/// An IPv4 CIDR (host bits cleared) or bare address; `Ok(None)` for IPv6, which VMs cannot use anyway.
-fn parse_v4_cidr(s: &str) -> Result<Option<(Ipv4Addr, u8)>, String> {
-    let (addr, prefix) = s.split_once('/').unwrap_or((s, ""));
-    if let Ok(a) = addr.parse::<Ipv4Addr>() {
-        let p = if prefix.is_empty() {
-            32
-        } else {
-            prefix
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= 32)
-                .ok_or_else(|| format!("{s:?} has a bad prefix length"))?
-        };
-        return Ok(Some((Ipv4Addr::from(u32::from(a) & mask(p)), p)));
-    }
-    let v6_prefix_ok = prefix.is_empty() || prefix.parse::<u8>().is_ok_and(|p| p <= 128);
-    if addr.parse::<std::net::Ipv6Addr>().is_ok() && v6_prefix_ok {
-        return Ok(None);
-    }
-    Err(format!("{s:?} is not a CIDR"))
-}
-
-fn covers(outer: (Ipv4Addr, u8), inner: (Ipv4Addr, u8)) -> bool {
-    outer.1 <= inner.1 && u32::from(inner.0) & mask(outer.1) == u32::from(outer.0)
-}
-
-/// Parses a rule; `Ok(None)` when it can match no IPv4 traffic (no IPv4 peers).
-fn parse_rule(r: &RulePolicy) -> Result<Option<Rule>, String> {
-    let proto = match r.protocol.as_str() {
-        "all" | "icmp" => {
-            if r.from_port.is_some() || r.to_port.is_some() {
-                return Err(format!("{} rules take no ports", r.protocol));
-            }
-            if r.protocol == "all" {
-                Proto::All
-            } else {
-                Proto::Icmp
-            }
-        }
-        "tcp" | "udp" => {
-            let name = if r.protocol == "tcp" { "tcp" } else { "udp" };
-            let range = match (r.from_port, r.to_port) {
-                (None, None) => None,
-                (Some(a), None) | (None, Some(a)) => Some((a, a)),
-                (Some(a), Some(b)) if a > b => {
-                    return Err(format!("port range {a}-{b} is empty"));
-                }
-                (Some(0), Some(u16::MAX)) => None,
-                (Some(a), Some(b)) => Some((a, b)),
-            };
-            Proto::Ports(name, range)
-        }
-        other => {
-            return Err(format!(
-                "protocol {other:?} is not one of tcp, udp, icmp, all"
-            ))
-        }
-    };
-    let mut nets = Vec::new();
-    for s in &r.sources {
-        if let Some(n) = parse_v4_cidr(s)? {
-            nets.push(n);
-        }
-    }
-    if nets.is_empty() {
-        return Ok(None);
-    }
-    if nets.iter().any(|n| n.1 == 0) {
-        return Ok(Some(Rule { proto, peers: None }));
-    }
-    // Widest first, so that covered ranges drop out: nft rejects overlapping intervals in one set.
-    nets.sort_by_key(|n| (n.1, n.0));
-    let mut kept: Vec<(Ipv4Addr, u8)> = Vec::new();
-    for n in nets {
-        if !kept.iter().any(|k| covers(*k, n)) {
-            kept.push(n);
-        }
-    }
-    kept.sort();
-    Ok(Some(Rule {
-        proto,
-        peers: Some(kept),
-    }))
-}
-
-fn cidr_text((addr, prefix): (Ipv4Addr, u8)) -> String {
-    if prefix == 32 {
-        addr.to_string()
-    } else {
-        format!("{addr}/{prefix}")
-    }
-}
-
-/// One nft allow rule: `ip saddr` (ingress) or `ip daddr` (egress) peers, protocol, `return`.
-fn rule_text(rule: &Rule, peer_field: &str) -> String {
-    let mut s = String::new();
-    if let Some(peers) = &rule.peers {
-        let list: Vec<String> = peers.iter().map(|p| cidr_text(*p)).collect();
-        if list.len() == 1 {
-            s.push_str(&format!("ip {peer_field} {} ", list[0]));
-        } else {
-            s.push_str(&format!("ip {peer_field} {{ {} }} ", list.join(", ")));
-        }
-    }
-    match rule.proto {
-        Proto::All => {}
-        Proto::Icmp => s.push_str("meta l4proto icmp "),
-        Proto::Ports(p, None) => s.push_str(&format!("meta l4proto {p} ")),
-        Proto::Ports(p, Some((a, b))) if a == b => s.push_str(&format!("{p} dport {a} ")),
-        Proto::Ports(p, Some((a, b))) => s.push_str(&format!("{p} dport {a}-{b} ")),
-    }
-    s.push_str("return");
-    s
-}
+use rules::{covers, mask, parse_rule, parse_v4_cidr, rule_texts};
 
 /// Characters a group id may have (it appears in comments of the rendered text).
 fn group_id_ok(id: &str) -> bool {
@@ -333,9 +201,10 @@ fn profile_rules(
         let rules = if ingress { &g.ingress } else { &g.egress };
         for r in rules {
             if let Ok(Some(rule)) = parse_rule(r) {
-                let text = rule_text(&rule, if ingress { "saddr" } else { "daddr" });
-                if !lines.contains(&text) {
-                    lines.push(text);
+                for text in rule_texts(&rule, if ingress { "saddr" } else { "daddr" }) {
+                    if !lines.contains(&text) {
+                        lines.push(text);
+                    }
                 }
             }
         }
@@ -423,6 +292,41 @@ pub(crate) fn render_host(nets: &[Network], groups: &[GroupPolicy]) -> String {
         "type ifname . ipv4_addr",
         &tap_ip,
     );
+    // IPv6: only taps of dual-stack networks, from their link-local and SLAAC addresses.
+    let v6_ports: Vec<(&Port, Vec<Ipv6Addr>)> = ports
+        .iter()
+        .map(|(n, p)| (*p, n.port_v6(p)))
+        .filter(|(_, a)| !a.is_empty())
+        .collect();
+    let taps6: Vec<String> = v6_ports.iter().map(|(p, _)| q(&p.tap)).collect();
+    set_block(&mut out, "set", "taps6", "type ifname", &taps6);
+    let tap_ip6: Vec<String> = v6_ports
+        .iter()
+        .flat_map(|(p, addrs)| addrs.iter().map(|a| format!("{} . {a}", q(&p.tap))))
+        .collect();
+    set_block(
+        &mut out,
+        "set",
+        "tap_ip6",
+        "type ifname . ipv6_addr",
+        &tap_ip6,
+    );
+    // The same pairs keyed by raw payload: nft 1.0.6 has no `icmpv6 taddr` for neighbour advertisements.
+    let tap_nd: Vec<String> = v6_ports
+        .iter()
+        .flat_map(|(p, addrs)| {
+            addrs
+                .iter()
+                .map(|a| format!("{} . 0x{:032x}", q(&p.tap), u128::from(*a)))
+        })
+        .collect();
+    set_block(
+        &mut out,
+        "set",
+        "tap_nd",
+        "typeof iifname . @th,64,128",
+        &tap_nd,
+    );
     let uplink_names: Vec<String> = uplinks.iter().map(|(_, u)| q(u)).collect();
     set_block(&mut out, "set", "uplinks", "type ifname", &uplink_names);
     let uplink_gw_mac: Vec<String> = uplinks
@@ -488,7 +392,15 @@ pub(crate) fn render_host(nets: &[Network], groups: &[GroupPolicy]) -> String {
             "ether type ip udp sport 67 drop",
             "ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 return",
             "ether type ip iifname . ip saddr != @tap_ip drop",
-            "ether type != { ip, arp } drop",
+            "ether type ip6 iifname != @taps6 drop",
+            // A VM is no router and no DHCPv6 server.
+            "icmpv6 type { nd-router-advert, nd-redirect } drop",
+            "ether type ip6 udp sport 547 drop",
+            // Duplicate address detection and MLD before an address is configured come from ::.
+            "ether type ip6 ip6 saddr :: icmpv6 type { nd-neighbor-solicit, mld-listener-report, mld2-listener-report } return",
+            "ether type ip6 iifname . ip6 saddr != @tap_ip6 drop",
+            "icmpv6 type nd-neighbor-advert iifname . @th,64,128 != @tap_nd drop",
+            "ether type != { ip, arp, ip6 } drop",
         ]),
     );
     let hygiene = |dev: &str| -> Vec<String> {
@@ -497,6 +409,9 @@ pub(crate) fn render_host(nets: &[Network], groups: &[GroupPolicy]) -> String {
             format!("{dev} . ether daddr @uplink_gw_mac drop"),
             format!("ether type arp {dev} . arp daddr ip @uplink_gw_ip drop"),
             "ether type ip udp dport { 67, 68 } drop".to_string(),
+            // Each host's router advertises and answers DHCPv6 for its own VMs.
+            "icmpv6 type { nd-router-solicit, nd-router-advert } drop".to_string(),
+            "ether type ip6 udp dport { 546, 547 } drop".to_string(),
         ]
     };
     chain_block(&mut out, "from_uplink", &hygiene("iifname"));
@@ -506,7 +421,8 @@ pub(crate) fn render_host(nets: &[Network], groups: &[GroupPolicy]) -> String {
         &s(&[
             "type filter hook forward priority -100; policy accept;",
             "oifname @uplinks jump to_uplink",
-            "oifname @taps ether type != { ip, arp } drop",
+            "oifname @taps ether type != { ip, arp, ip6 } drop",
+            "oifname @taps ether type ip6 oifname != @taps6 drop",
             "oifname vmap @to_vm",
         ]),
     );
@@ -556,11 +472,37 @@ pub(crate) fn render_host(nets: &[Network], groups: &[GroupPolicy]) -> String {
         "type ifname . ipv4_addr . inet_proto . inet_service",
         &services,
     );
+    let mut services6 = Vec::new();
+    for n in &nets {
+        let (Some(gw6), Ok(ll)) = (n.gateway6(), kumo_types::ipv6::link_local(&n.gateway_mac()))
+        else {
+            continue;
+        };
+        let b = q(&n.bridge);
+        for a in [gw6, ll] {
+            services6.push(format!("{b} . {a} . udp . 53"));
+            services6.push(format!("{b} . {a} . tcp . 53"));
+        }
+        services6.push(format!("{b} . ff02::1:2 . udp . 547"));
+    }
+    set_block(
+        &mut out,
+        "set",
+        "services6",
+        "type ifname . ipv6_addr . inet_proto . inet_service",
+        &services6,
+    );
     let gateways: Vec<String> = nets
         .iter()
         .map(|n| format!("{} . {}", q(&n.bridge), n.gateway))
         .collect();
-    set_block(&mut out, "set", "gateways", "type ifname . ipv4_addr", &gateways);
+    set_block(
+        &mut out,
+        "set",
+        "gateways",
+        "type ifname . ipv4_addr",
+        &gateways,
+    );
     let egress: Vec<String> = ports
         .iter()
         .enumerate()
@@ -588,9 +530,15 @@ pub(crate) fn render_host(nets: &[Network], groups: &[GroupPolicy]) -> String {
             "type filter hook forward priority filter; policy accept;".to_string(),
             "iifname != @bridges accept".to_string(),
             "ct state established,related accept".to_string(),
+            // Neighbour discovery and MLD are the link's plumbing (untracked); the bridge table already
+            // keeps router advertisements to the router port.
+            "icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-query, mld-listener-report, mld-listener-done, mld2-listener-report } accept".to_string(),
             "ct state invalid drop".to_string(),
             format!("meta mark & 0xffff0000 == 0x{ROUTER_MARK:08x} udp sport 67 udp dport 68 accept"),
+            format!("meta mark & 0xffff0000 == 0x{ROUTER_MARK:08x} udp sport 547 udp dport 546 accept"),
             "meta mark & 0x0000ffff == 0x00000000 iifname . ip daddr . meta l4proto . th dport @services accept"
+                .to_string(),
+            "meta mark & 0x0000ffff == 0x00000000 iifname . ip6 daddr . meta l4proto . th dport @services6 accept"
                 .to_string(),
             // The router itself (the agent's port-forward) reaches its VMs; elastic-IP traffic keeps the
             // outside source and passes the security groups.
@@ -717,6 +665,7 @@ pub fn render_for_test(
 }
 
 mod nft;
+mod rules;
 pub use nft::Nft;
 
 #[cfg(test)]

@@ -124,7 +124,11 @@ impl HostNetwork {
 
     /// The router namespace of a network (where its gateway, dnsmasq and metadata listener live).
     pub fn router_netns(&self, spec: &NetworkSpec) -> String {
-        format!("{}{}", self.opts.router_prefix, names::network_key(&spec.bridge))
+        format!(
+            "{}{}",
+            self.opts.router_prefix,
+            names::network_key(&spec.bridge)
+        )
     }
 
     /// The pid file of a network's dnsmasq (for diagnostics and tests).
@@ -229,7 +233,11 @@ impl HostNetwork {
         for ns in routers.values() {
             if router::ensure(&self.ip, ns).await? {
                 new_routers.insert(ns.clone());
-                let verb = if owned.routers.contains(ns) { "re-created" } else { "created" };
+                let verb = if owned.routers.contains(ns) {
+                    "re-created"
+                } else {
+                    "created"
+                };
                 repairs.push(format!("{verb} router namespace {ns}"));
             }
         }
@@ -275,7 +283,8 @@ impl HostNetwork {
             let dnsmasq_bin = cmd::find_program("dnsmasq")?;
             for net in &desired {
                 let ns = &routers[&net.name];
-                let fresh = new_routers.contains(ns) || plan.created_veths.contains(&net.router_port());
+                let fresh =
+                    new_routers.contains(ns) || plan.created_veths.contains(&net.router_port());
                 self.reconcile_dnsmasq(&dnsmasq_bin, ns, net, fresh, &owned, &mut repairs)
                     .await?;
             }

@@ -361,7 +361,8 @@ pub(crate) fn plan(
                     plan.batch.push(format!("link add {name}{args}"));
                     plan.batch
                         .push(format!("link set dev {name} master {br} up"));
-                    plan.repairs.push(format!("created {name} for network {}", net.name));
+                    plan.repairs
+                        .push(format!("created {name} for network {}", net.name));
                 }
             }
         }
@@ -370,7 +371,11 @@ pub(crate) fn plan(
         };
         let mut veths = vec![(net.router_port(), crate::spec::ROUTER_INSIDE, br.clone())];
         if let Some(public) = &wiring.public_bridge {
-            veths.push((net.public_port(), crate::spec::ROUTER_OUTSIDE, public.clone()));
+            veths.push((
+                net.public_port(),
+                crate::spec::ROUTER_OUTSIDE,
+                public.clone(),
+            ));
         }
         let fresh = wiring.fresh_routers.contains(router);
         for (port, inside, master) in veths {
@@ -378,7 +383,8 @@ pub(crate) fn plan(
                 Some(link) if link.kind() == "veth" && !fresh => {
                     let rebridged = master == *br && bridge_created;
                     if rebridged || link.master.as_deref() != Some(master.as_str()) {
-                        plan.batch.push(format!("link set dev {port} master {master}"));
+                        plan.batch
+                            .push(format!("link set dev {port} master {master}"));
                     }
                     if !link.is_up() {
                         plan.batch.push(format!("link set dev {port} up"));
@@ -406,8 +412,13 @@ pub(crate) fn plan(
                     plan.batch
                         .push(format!("link set dev {port} master {master} up"));
                     plan.created_veths.insert(port.clone());
-                    let verb = if owned.ports.contains(&port) { "re-created" } else { "created" };
-                    plan.repairs.push(format!("{verb} {port} to router {router}"));
+                    let verb = if owned.ports.contains(&port) {
+                        "re-created"
+                    } else {
+                        "created"
+                    };
+                    plan.repairs
+                        .push(format!("{verb} {port} to router {router}"));
                 }
             }
         }
@@ -466,7 +477,14 @@ mod tests {
         let owned = Ledger::default();
         let mut links = sample();
         links.retain(|l| l.ifname != "kt-old");
-        let plan = plan(&links, &desired(&["kt-a"]), &owned, true, &Wiring::default()).unwrap();
+        let plan = plan(
+            &links,
+            &desired(&["kt-a"]),
+            &owned,
+            true,
+            &Wiring::default(),
+        )
+        .unwrap();
         assert!(plan.batch.is_empty(), "{:?}", plan.batch);
         assert!(plan.repairs.is_empty());
     }
@@ -476,7 +494,14 @@ mod tests {
         let mut owned = Ledger::default();
         owned.taps.insert("kt-old".into());
         owned.bridges.insert("kb-default".into());
-        let plan = plan(&sample(), &desired(&["kt-a", "kt-b"]), &owned, true, &Wiring::default()).unwrap();
+        let plan = plan(
+            &sample(),
+            &desired(&["kt-a", "kt-b"]),
+            &owned,
+            true,
+            &Wiring::default(),
+        )
+        .unwrap();
         assert_eq!(
             plan.batch,
             vec![
@@ -496,7 +521,14 @@ mod tests {
         let mut links = sample();
         links.retain(|l| l.ifname != "kb-default" && l.ifname != "kt-old");
         links[1].master = None;
-        let plan = plan(&links, &desired(&["kt-a"]), &owned, true, &Wiring::default()).unwrap();
+        let plan = plan(
+            &links,
+            &desired(&["kt-a"]),
+            &owned,
+            true,
+            &Wiring::default(),
+        )
+        .unwrap();
         assert!(plan.created_bridges.contains("kb-default"));
         assert!(plan
             .batch
@@ -510,7 +542,14 @@ mod tests {
     #[test]
     fn refuses_to_replace_foreign_interface() {
         let links = sample();
-        let err = plan(&links, &desired(&["veth0"]), &Ledger::default(), true, &Wiring::default()).unwrap_err();
+        let err = plan(
+            &links,
+            &desired(&["veth0"]),
+            &Ledger::default(),
+            true,
+            &Wiring::default(),
+        )
+        .unwrap_err();
         assert!(matches!(err, NetworkError::Conflict { .. }));
     }
 }

@@ -1,7 +1,7 @@
 //! Desired state as given by callers, and its validated, parsed form.
 
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +28,10 @@ pub struct NetworkSpec {
     /// Tunnel addresses of the other hosts carrying this network (VXLAN only).
     #[serde(default)]
     pub peers: Vec<String>,
+    /// IPv6 /64 of a dual-stack network, e.g. "fd60:1::/64": the router advertises it (SLAAC) and holds
+    /// `<prefix>::1`; each port's address is the EUI-64 of its MAC.
+    #[serde(default)]
+    pub ipv6_cidr: Option<String>,
 }
 
 fn local() -> Isolation {
@@ -65,6 +69,8 @@ pub(crate) struct Network {
     pub isolation: Isolation,
     pub peers: Vec<Ipv4Addr>,
     pub ports: Vec<Port>,
+    /// The /64 (upper 64 bits) of a dual-stack network.
+    pub ipv6: Option<Ipv6Addr>,
 }
 
 /// A validated port.
@@ -111,6 +117,24 @@ impl Network {
     /// it never cross the uplink (each host answers for the gateway itself).
     pub fn gateway_mac(&self) -> String {
         crate::names::mac_for(&format!("kumo-gateway:{}", self.name))
+    }
+
+    /// The IPv6 gateway (`<prefix>::1`) of a dual-stack network.
+    pub fn gateway6(&self) -> Option<Ipv6Addr> {
+        self.ipv6.map(kumo_types::ipv6::gateway)
+    }
+
+    /// A port's IPv6 source addresses on a dual-stack network: link-local and SLAAC (none on IPv4-only
+    /// networks, whose taps send no IPv6 at all).
+    pub fn port_v6(&self, port: &Port) -> Vec<Ipv6Addr> {
+        let Some(p) = self.ipv6 else {
+            return Vec::new();
+        };
+        let mut v: Vec<Ipv6Addr> = kumo_types::ipv6::link_local(&port.mac)
+            .into_iter()
+            .collect();
+        v.extend(kumo_types::ipv6::eui64(p, &port.mac));
+        v
     }
 }
 
@@ -332,6 +356,13 @@ pub(crate) fn validate(
                 public_ip: port.public_ip,
             });
         }
+        let ipv6 = match &spec.ipv6_cidr {
+            Some(c) => Some(
+                kumo_types::ipv6::parse_prefix64(c)
+                    .map_err(|e| invalid(format!("network {}: ipv6_cidr: {e}", spec.name)))?,
+            ),
+            None => None,
+        };
         let mut peers = Vec::with_capacity(spec.peers.len());
         for p in &spec.peers {
             peers.push(p.parse::<Ipv4Addr>().map_err(|_| {
@@ -355,6 +386,7 @@ pub(crate) fn validate(
             isolation: spec.isolation,
             peers,
             ports: parsed_ports,
+            ipv6,
         });
     }
     Ok(out)
@@ -373,6 +405,7 @@ mod tests {
             mtu: None,
             isolation: Isolation::Local,
             peers: vec![],
+            ipv6_cidr: None,
         }
     }
 
@@ -469,5 +502,39 @@ mod tests {
         let mut bad_host = port("kt-1", "02:00:00:00:00:01", "10.77.0.5");
         bad_host.hostname = "a,b".into();
         assert!(validate(&[(good, vec![bad_host])]).is_err());
+    }
+
+    #[test]
+    fn parses_ipv6_prefix_and_derives_port_addresses() {
+        let mut n = net("default", "kb-default", "10.77.0.0/24", "10.77.0.1");
+        n.ipv6_cidr = Some("fd60:1::/64".into());
+        let nets = validate(&[(
+            n.clone(),
+            vec![port("kt-1", "02:00:00:00:00:01", "10.77.0.5")],
+        )])
+        .unwrap();
+        let v = &nets[0];
+        assert_eq!(v.gateway6(), Some("fd60:1::1".parse().unwrap()));
+        let want: Vec<Ipv6Addr> = vec![
+            "fe80::ff:fe00:1".parse().unwrap(),
+            "fd60:1::ff:fe00:1".parse().unwrap(),
+        ];
+        assert_eq!(v.port_v6(&v.ports[0]), want);
+        for bad in [
+            "fd60:1::/48",
+            "fd60:1::1/64",
+            "fe80::/64",
+            "10.0.0.0/24",
+            "nonsense",
+        ] {
+            n.ipv6_cidr = Some(bad.into());
+            let e = validate(&[(n.clone(), vec![])]).unwrap_err().to_string();
+            assert!(e.contains("ipv6_cidr"), "{bad}: {e}");
+        }
+        // IPv4-only networks: no IPv6 gateway, no IPv6 source address for their ports.
+        n.ipv6_cidr = None;
+        let nets = validate(&[(n, vec![port("kt-1", "02:00:00:00:00:01", "10.77.0.5")])]).unwrap();
+        assert_eq!(nets[0].gateway6(), None);
+        assert!(nets[0].port_v6(&nets[0].ports[0]).is_empty());
     }
 }

@@ -55,6 +55,8 @@ pub struct InstanceRow {
     pub key_name: Option<String>,
     /// The elastic IP associated with it.
     pub public_ip: Option<String>,
+    /// Its SLAAC address when its network is dual stack (EUI-64 of the MAC in the network's /64).
+    pub ipv6: Option<String>,
 }
 
 /// Launch details the EC2 API records with a new instance; empty for the native API.
@@ -97,7 +99,8 @@ pub struct Observation {
 
 pub(crate) const COLS: &str = "id, project_id, name, image_id, instance_type, vcpus, memory_mib, disk_gib, state, desired, reboot_seq, host_id, network_id, mac, private_ip, generation, observed_generation, last_error, created_at, updated_at, terminated_at, user_data, reservation_id, launch_index, client_token, placement_group_id, requested_site, constraints, key_name,
     (SELECT group_concat(group_id, ' ' ORDER BY position) FROM instance_security_groups WHERE instance_id = instances.id) AS security_group_ids,
-    (SELECT public_ip FROM addresses WHERE instance_id = instances.id) AS public_ip";
+    (SELECT public_ip FROM addresses WHERE instance_id = instances.id) AS public_ip,
+    (SELECT ipv6_cidr FROM networks WHERE id = instances.network_id) AS network_ipv6";
 
 pub(crate) fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<InstanceRow> {
     let state: String = r.try_get("state")?;
@@ -140,6 +143,11 @@ pub(crate) fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<InstanceRow> {
             .collect(),
         key_name: r.try_get("key_name")?,
         public_ip: r.try_get("public_ip")?,
+        ipv6: kumo_types::ipv6::address_in(
+            r.try_get::<Option<String>, _>("network_ipv6")?.as_deref(),
+            &r.try_get::<String, _>("mac")?,
+        )
+        .map(|a| a.to_string()),
     })
 }
 

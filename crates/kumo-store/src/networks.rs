@@ -3,7 +3,9 @@
 //! A network belongs to a project: its name is unique among the project's live networks and
 //! its CIDR may not overlap theirs. Two projects may use the same CIDR; a VXLAN VNI (unique
 //! across all networks, never reused) or a VLAN tag keeps them apart. Deleted networks keep
-//! their row because terminated instances still name them.
+//! their row because terminated instances still name them. A dual-stack network also has an
+//! IPv6 /64 (unique within the project); its instances' IPv6 addresses are the EUI-64s of their
+//! MACs (SLAAC), computed when read, never stored.
 
 use std::net::Ipv4Addr;
 
@@ -40,6 +42,8 @@ pub struct NetworkRow {
     pub mtu: Option<i64>,
     /// `vxlan` or `vlan`.
     pub isolation: String,
+    /// IPv6 /64 of a dual-stack network (`fd60:1::/64`); instances' addresses are its EUI-64s.
+    pub ipv6_cidr: Option<String>,
 }
 
 /// A network with what the API shows besides its row.
@@ -60,6 +64,10 @@ pub struct NewNetwork {
     pub isolation: Option<String>,
     /// The tag of a `vlan` network (administrators only).
     pub vlan_tag: Option<i64>,
+    /// Dual stack with a random unique local /64.
+    pub ipv6: bool,
+    /// Dual stack with this /64 (implies `ipv6`).
+    pub ipv6_cidr: Option<String>,
 }
 
 enum Isolation {
@@ -68,7 +76,7 @@ enum Isolation {
 }
 
 const NET_COLS: &str =
-    "n.id, n.project_id, n.name, n.cidr, n.gateway, n.vni, n.vlan_tag, n.mtu, n.isolation, n.created_at";
+    "n.id, n.project_id, n.name, n.cidr, n.gateway, n.vni, n.vlan_tag, n.mtu, n.isolation, n.ipv6_cidr, n.created_at";
 const LIVE_COUNT: &str = "(SELECT COUNT(*) FROM instances i WHERE i.network_id = n.id AND i.state <> 'terminated') AS live";
 
 fn network_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<NetworkRow> {
@@ -82,6 +90,7 @@ fn network_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<NetworkRow> {
         vlan_tag: r.try_get("vlan_tag")?,
         mtu: r.try_get("mtu")?,
         isolation: r.try_get("isolation")?,
+        ipv6_cidr: r.try_get("ipv6_cidr")?,
     })
 }
 
@@ -142,8 +151,15 @@ impl Store {
     ) -> Result<NetworkRow> {
         kumo_types::id::validate_name(name).map_err(StoreError::Invalid)?;
         let (net, len) = parse_cidr(cidr)?;
-        self.insert_network(project_id, name, u32::from(net), len, Isolation::Vxlan)
-            .await
+        self.insert_network(
+            project_id,
+            name,
+            u32::from(net),
+            len,
+            Isolation::Vxlan,
+            None,
+        )
+        .await
     }
 
     /// A tenant's network: checked name, CIDR (prefix 16–28) and isolation. VLAN networks
@@ -187,7 +203,15 @@ impl Store {
             }
         }
         let (base, len) = parse_v4_cidr(&new.cidr, TENANT_PREFIX)?;
-        self.insert_network(&scope.project_id, &new.name, base, len, isolation)
+        let ipv6 = match (&new.ipv6_cidr, new.ipv6) {
+            (Some(c), _) => Some(
+                kumo_types::ipv6::parse_prefix64(c)
+                    .map_err(|e| StoreError::Invalid(format!("ipv6_cidr: {e}")))?,
+            ),
+            (None, true) => Some(kumo_types::ipv6::random_ula()),
+            (None, false) => None,
+        };
+        self.insert_network(&scope.project_id, &new.name, base, len, isolation, ipv6)
             .await
     }
 
@@ -198,23 +222,33 @@ impl Store {
         base: u32,
         len: u8,
         isolation: Isolation,
+        ipv6: Option<std::net::Ipv6Addr>,
     ) -> Result<NetworkRow> {
+        let ipv6_cidr = ipv6.map(kumo_types::ipv6::prefix_text);
         let cidr = format!("{}/{len}", Ipv4Addr::from(base));
         let gateway = Ipv4Addr::from(base + 1).to_string();
         // Held so that two creates cannot both pass the overlap check.
         let _placement = self.placement().await?;
         let (lo, hi) = span(base, len);
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT name, cidr FROM networks WHERE project_id = $1 AND deleted_at IS NULL ORDER BY name",
+        let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+            "SELECT name, cidr, ipv6_cidr FROM networks WHERE project_id = $1 AND deleted_at IS NULL ORDER BY name",
         )
         .bind(project_id)
         .fetch_all(&self.pool)
         .await?;
-        for (other, other_cidr) in rows {
+        for (other, other_cidr, other_v6) in rows {
             if other == name {
                 return Err(StoreError::Conflict(format!(
                     "a network named {name} already exists"
                 )));
+            }
+            // Two /64s overlap only when they are the same prefix.
+            if let (Some(mine), Some(theirs)) = (&ipv6_cidr, &other_v6) {
+                if mine == theirs {
+                    return Err(StoreError::Conflict(format!(
+                        "{mine} is the IPv6 prefix of network {other} of this project"
+                    )));
+                }
             }
             let (b, l) = parse_cidr(&other_cidr)?;
             let (olo, ohi) = span(u32::from(b), l);
@@ -237,8 +271,8 @@ impl Store {
             };
             let id = new_id(IdKind::Network);
             let done = sqlx::query(
-                "INSERT INTO networks (id, project_id, name, cidr, gateway, created_at, isolation, vni, vlan_tag, mtu)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                "INSERT INTO networks (id, project_id, name, cidr, gateway, created_at, isolation, vni, vlan_tag, mtu, ipv6_cidr)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             )
             .bind(&id)
             .bind(project_id)
@@ -250,6 +284,7 @@ impl Store {
             .bind(vni)
             .bind(tag)
             .bind(mtu)
+            .bind(&ipv6_cidr)
             .execute(&self.pool)
             .await;
             match done {

@@ -106,15 +106,17 @@ pub(crate) fn invalid(msg: impl Into<String>) -> StoreError {
     StoreError::Invalid(msg.into())
 }
 
-/// tcp, udp, icmp or all, from a name or EC2's protocol number (`-1` is all).
+/// tcp, udp, icmp, icmpv6 or all, from a name or EC2's protocol number (`-1` is all). As in EC2,
+/// `icmp` is IPv4's only; IPv6 ping needs an `icmpv6` (58) rule.
 pub fn normalize_protocol(p: &str) -> Result<&'static str> {
     match p.trim().to_ascii_lowercase().as_str() {
         "tcp" | "6" => Ok("tcp"),
         "udp" | "17" => Ok("udp"),
         "icmp" | "1" => Ok("icmp"),
+        "icmpv6" | "58" => Ok("icmpv6"),
         "all" | "-1" => Ok("all"),
         other => Err(invalid(format!(
-            "protocol {other:?} is not supported; use tcp, udp, icmp or all (-1)"
+            "protocol {other:?} is not supported; use tcp, udp, icmp, icmpv6 or all (-1)"
         ))),
     }
 }
@@ -125,7 +127,7 @@ fn check_ports(
     from: Option<i64>,
     to: Option<i64>,
 ) -> Result<(Option<i64>, Option<i64>)> {
-    if protocol == "icmp" || protocol == "all" {
+    if protocol == "icmp" || protocol == "icmpv6" || protocol == "all" {
         if from.unwrap_or(-1) != -1 || to.unwrap_or(-1) != -1 {
             return Err(invalid(format!(
                 "{protocol} rules match all traffic of the protocol: give no ports (or -1)"
@@ -153,18 +155,32 @@ fn check_ports(
     Ok((Some(from), Some(to)))
 }
 
-/// An IPv4 CIDR with no host bits (`10.0.0.5/24` is refused: which one was meant?).
+/// An IPv4 or IPv6 CIDR with no host bits (`10.0.0.5/24` is refused: which one was meant?).
 pub fn check_cidr(cidr: &str) -> Result<String> {
     let bad = || {
         invalid(format!(
-            "{cidr:?} is not an IPv4 CIDR such as 10.0.0.0/24 or 0.0.0.0/0"
+            "{cidr:?} is not an IPv4 CIDR (such as 10.0.0.0/24 or 0.0.0.0/0) or IPv6 CIDR (fd60:1::/64, ::/0)"
         ))
     };
     let (addr, len) = cidr.trim().split_once('/').ok_or_else(bad)?;
-    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
     if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
+    if let Ok(v6) = addr.parse::<std::net::Ipv6Addr>() {
+        let len: u32 = len.parse().map_err(|_| bad())?;
+        if len > 128 {
+            return Err(bad());
+        }
+        let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+        let net = std::net::Ipv6Addr::from(u128::from(v6) & mask);
+        if net != v6 {
+            return Err(invalid(format!(
+                "{cidr} has host bits set; the network is {net}/{len}"
+            )));
+        }
+        return Ok(format!("{net}/{len}"));
+    }
+    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
     let len: u32 = len.parse().map_err(|_| bad())?;
     if len > 32 {
         return Err(bad());
@@ -377,6 +393,7 @@ impl Store {
             for (direction, cidr, source) in [
                 ("ingress", None, Some(id.as_str())),
                 ("egress", Some("0.0.0.0/0"), None),
+                ("egress", Some("::/0"), None),
             ] {
                 sqlx::query(
                     "INSERT INTO security_group_rules (id, group_id, direction, protocol, cidr, source_group_id, seq, created_at)

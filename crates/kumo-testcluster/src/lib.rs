@@ -402,8 +402,25 @@ impl Cluster {
                 "link", "add", &veth, "type", "veth", "peer", "name", "pubv", "netns", &h.netns,
             ])?;
             sys::ip(&["link", "set", &veth, "master", &pb, "up"])?;
-            sys::ip(&["-n", &h.netns, "link", "add", HOST_PUBLIC_BRIDGE, "type", "bridge"])?;
-            sys::ip(&["-n", &h.netns, "link", "set", "pubv", "master", HOST_PUBLIC_BRIDGE, "up"])?;
+            sys::ip(&[
+                "-n",
+                &h.netns,
+                "link",
+                "add",
+                HOST_PUBLIC_BRIDGE,
+                "type",
+                "bridge",
+            ])?;
+            sys::ip(&[
+                "-n",
+                &h.netns,
+                "link",
+                "set",
+                "pubv",
+                "master",
+                HOST_PUBLIC_BRIDGE,
+                "up",
+            ])?;
             sys::ip(&["-n", &h.netns, "link", "set", HOST_PUBLIC_BRIDGE, "up"])?;
         }
         let outside = self.outside_netns();
@@ -413,7 +430,15 @@ impl Cluster {
             "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &outside,
         ])?;
         sys::ip(&["link", "set", &veth, "master", &pb, "up"])?;
-        sys::ip(&["-n", &outside, "addr", "add", &format!("{OUTSIDE_IP}/24"), "dev", "eth0"])?;
+        sys::ip(&[
+            "-n",
+            &outside,
+            "addr",
+            "add",
+            &format!("{OUTSIDE_IP}/24"),
+            "dev",
+            "eth0",
+        ])?;
         sys::ip(&["-n", &outside, "link", "set", "eth0", "up"])?;
         sys::ip(&["-n", &outside, "link", "set", "lo", "up"])?;
         Ok(())
@@ -679,38 +704,38 @@ impl Cluster {
         let mut cmd = Command::new(&self.spec.kumo_bin);
         enter_netns(&mut cmd, &ns_file);
         cmd.args([
-                "agent",
-                "--controller",
-                &self.endpoint,
-                "--join-token",
-                &self.join_token,
-                "--name",
-                &h.name,
-                "--listen",
-                &format!("{}:{AGENT_PORT}", h.mgmt_ip),
-            ])
-            .arg("--data-dir")
-            .arg(&h.data_dir)
-            .args([
-                "--hypervisor",
-                hs.hypervisor.arg(),
-                "--accel",
-                "tcg",
-                "--heartbeat-interval",
-                "1",
-                "--stop-timeout",
-                "10",
-                "--network-interval",
-                "2",
-                "--tunnel-ip",
-                &h.mgmt_ip,
-                "--trunk",
-                "mgmt0",
-                "--public-bridge",
-                HOST_PUBLIC_BRIDGE,
-                "--router-netns-prefix",
-                &format!("{}-r-", h.netns),
-            ]);
+            "agent",
+            "--controller",
+            &self.endpoint,
+            "--join-token",
+            &self.join_token,
+            "--name",
+            &h.name,
+            "--listen",
+            &format!("{}:{AGENT_PORT}", h.mgmt_ip),
+        ])
+        .arg("--data-dir")
+        .arg(&h.data_dir)
+        .args([
+            "--hypervisor",
+            hs.hypervisor.arg(),
+            "--accel",
+            "tcg",
+            "--heartbeat-interval",
+            "1",
+            "--stop-timeout",
+            "10",
+            "--network-interval",
+            "2",
+            "--tunnel-ip",
+            &h.mgmt_ip,
+            "--trunk",
+            "mgmt0",
+            "--public-bridge",
+            HOST_PUBLIC_BRIDGE,
+            "--router-netns-prefix",
+            &format!("{}-r-", h.netns),
+        ]);
         for (k, v) in &hs.labels {
             cmd.args(["--label", &format!("{k}={v}")]);
         }

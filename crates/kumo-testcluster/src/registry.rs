@@ -233,7 +233,11 @@ pub fn remove_network(id: u8) -> Vec<String> {
     }
     // Deleting a namespace deletes its veth ends, and with them the root ends; any left over
     // (e.g. a namespace that was never made) goes here.
-    let veth_prefixes = [format!("kcv{id}h"), format!("kcv{id}p"), format!("kcv{id}o")];
+    let veth_prefixes = [
+        format!("kcv{id}h"),
+        format!("kcv{id}p"),
+        format!("kcv{id}o"),
+    ];
     for l in sys::links()
         .into_iter()
         .filter(|l| veth_prefixes.iter().any(|p| l.starts_with(p.as_str())))

@@ -157,6 +157,9 @@ pub struct NetworkInfo {
     /// Tunnel addresses of the other hosts running VMs of this network (VXLAN flooding list).
     #[serde(default)]
     pub peers: Vec<String>,
+    /// The network's IPv6 /64 (router advertisements, SLAAC); `None`: IPv4 only.
+    #[serde(default)]
+    pub ipv6_cidr: Option<String>,
 }
 
 /// How a network's frames are kept apart from other networks' between hosts.
@@ -190,9 +193,10 @@ pub struct GroupPolicy {
     pub egress: Vec<RulePolicy>,
 }
 
-/// One allow rule. `protocol` is `tcp`, `udp`, `icmp` or `all`; ports only for tcp/udp (both `None` = all
-/// ports). `sources` are CIDRs (the peer: source for ingress, destination for egress); a rule naming
-/// another group carries that group's members' addresses as /32s.
+/// One allow rule. `protocol` is `tcp`, `udp`, `icmp` (IPv4 only), `icmpv6` or `all`; ports only for
+/// tcp/udp (both `None` = all ports). `sources` are IPv4 or IPv6 CIDRs (the peer: source for ingress,
+/// destination for egress); a rule naming another group carries that group's members' addresses as /32s
+/// (and /128s for members of dual-stack networks).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RulePolicy {
     pub protocol: String,

@@ -219,6 +219,9 @@ pub struct Instance {
     /// The elastic IP associated with the instance.
     #[serde(default)]
     pub public_ip: Option<String>,
+    /// The SLAAC (EUI-64) address on a dual-stack network, derived from the network's /64 and the MAC.
+    #[serde(default)]
+    pub ipv6: Option<String>,
     pub mac: Option<String>,
     pub generation: i64,
     pub last_error: Option<String>,

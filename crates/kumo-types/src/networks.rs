@@ -15,6 +15,9 @@ pub struct Network {
     pub cidr: String,
     /// The first host address of the CIDR.
     pub gateway: String,
+    /// IPv6 /64 of a dual-stack network (guests configure themselves by SLAAC); absent: IPv4 only.
+    #[serde(default)]
+    pub ipv6_cidr: Option<String>,
     /// `vxlan` or `vlan`.
     pub isolation: String,
     /// VXLAN network identifier (vxlan networks).
@@ -41,6 +44,12 @@ pub struct CreateNetwork {
     /// 802.1Q tag 1–4094 of a `vlan` network (administrators only).
     #[serde(default)]
     pub vlan_tag: Option<u32>,
+    /// Make the network dual stack with a random unique local /64 (RFC 4193).
+    #[serde(default)]
+    pub ipv6: bool,
+    /// Make the network dual stack with this /64 (e.g. `fd60:1::/64`); implies `ipv6`.
+    #[serde(default)]
+    pub ipv6_cidr: Option<String>,
 }
 
 /// The operator's public addresses that elastic IPs come from.

@@ -1,6 +1,6 @@
 use super::nft::describe_drift;
 use super::*;
-use crate::spec::Isolation;
+use crate::spec::{Isolation, RulePolicy};
 
 fn net(name: &str, cidr: &str, gw: &str, isolation: Isolation) -> NetworkSpec {
     NetworkSpec {
@@ -11,6 +11,7 @@ fn net(name: &str, cidr: &str, gw: &str, isolation: Isolation) -> NetworkSpec {
         mtu: None,
         isolation,
         peers: vec![],
+        ipv6_cidr: None,
     }
 }
 
@@ -286,7 +287,7 @@ fn rules_render_protocols_ports_and_sources() {
         [
             "# egress of [sg-ssh sg-web]",
             "ip daddr 10.0.0.1 udp dport 53 return",
-            "return",
+            "meta nfproto ipv4 return",
             "drop"
         ]
     );
@@ -297,13 +298,13 @@ fn rules_render_protocols_ports_and_sources() {
         ),
         (
             rule("tcp", Some(0), Some(65535), &["0.0.0.0/0"]),
-            Some("meta l4proto tcp return"),
+            Some("meta nfproto ipv4 meta l4proto tcp return"),
         ),
         (
             rule("tcp", None, Some(443), &["10.0.0.5/24"]),
             Some("ip saddr 10.0.0.0/24 tcp dport 443 return"),
         ),
-        // Covered ranges collapse (nft rejects overlapping intervals); IPv6 sources are ignored.
+        // Covered ranges collapse (nft rejects overlapping intervals); IPv6 peers get their own line.
         (
             rule(
                 "all",
@@ -311,13 +312,18 @@ fn rules_render_protocols_ports_and_sources() {
                 None,
                 &["10.1.2.3/32", "10.0.0.0/8", "172.16.0.0/12", "::/0"],
             ),
-            Some("ip saddr { 10.0.0.0/8, 172.16.0.0/12 } return"),
+            Some("ip saddr { 10.0.0.0/8, 172.16.0.0/12 } return\nmeta nfproto ipv6 return"),
         ),
-        (rule("all", None, None, &["2001:db8::/32"]), None),
+        (
+            rule("all", None, None, &["2001:db8::/32"]),
+            Some("ip6 saddr 2001:db8::/32 return"),
+        ),
         (rule("tcp", Some(22), None, &[]), None),
     ];
     for (r, want) in cases {
-        let got = parse_rule(&r).unwrap().map(|x| rule_text(&x, "saddr"));
+        let got = parse_rule(&r)
+            .unwrap()
+            .map(|x| rule_texts(&x, "saddr").join("\n"));
         assert_eq!(got.as_deref(), want, "{r:?}");
     }
 }
@@ -523,3 +529,5 @@ fn nft_accepts_rendered_rulesets() {
         );
     }
 }
+
+mod ipv6;

@@ -781,3 +781,5 @@ async fn migration_gives_existing_networks_a_vni() {
         ]
     );
 }
+
+mod ipv6;

@@ -62,22 +62,31 @@ impl Store {
         Ok(out)
     }
 
-    /// (group id, private ip) of non-terminated member instances.
+    /// (group id, address) of non-terminated member instances: each member's private IPv4 and,
+    /// on a dual-stack network, its SLAAC IPv6 address (after the IPv4 ones).
     pub async fn group_member_ips(&self, group_ids: &[String]) -> Result<Vec<(String, String)>> {
         let mut out = Vec::new();
+        let mut v6 = Vec::new();
         for chunk in group_ids.chunks(CHUNK) {
             let sql = format!(
-                "SELECT m.group_id, i.private_ip FROM instance_security_groups m JOIN instances i ON i.id = m.instance_id
+                "SELECT m.group_id, i.private_ip, i.mac, n.ipv6_cidr FROM instance_security_groups m
+                 JOIN instances i ON i.id = m.instance_id LEFT JOIN networks n ON n.id = i.network_id
                  WHERE m.group_id IN ({}) AND i.state <> 'terminated' AND i.private_ip <> ''
                  ORDER BY m.group_id, i.private_ip",
                 marks(1, chunk.len())
             );
-            let mut q = sqlx::query_as::<_, (String, String)>(&sql);
+            let mut q = sqlx::query_as::<_, (String, String, String, Option<String>)>(&sql);
             for id in chunk {
                 q = q.bind(id);
             }
-            out.extend(q.fetch_all(&self.pool).await?);
+            for (g, ip, mac, prefix) in q.fetch_all(&self.pool).await? {
+                if let Some(a) = kumo_types::ipv6::address_in(prefix.as_deref(), &mac) {
+                    v6.push((g.clone(), a.to_string()));
+                }
+                out.push((g, ip));
+            }
         }
+        out.extend(v6);
         Ok(out)
     }
 

@@ -165,7 +165,7 @@ async fn default_group_is_made_once_with_its_rules() {
         d.id
     );
     let rules = e.rules(&d.id).await;
-    assert_eq!(rules.len(), 2, "{rules:?}");
+    assert_eq!(rules.len(), 3, "{rules:?}");
     let ingress = rules.iter().find(|r| r.direction == "ingress").expect("in");
     assert_eq!(
         (
@@ -175,11 +175,13 @@ async fn default_group_is_made_once_with_its_rules() {
         ("all", Some(d.id.as_str()))
     );
     assert_eq!((ingress.cidr.as_deref(), ingress.from_port), (None, None));
-    let egress = rules.iter().find(|r| r.direction == "egress").expect("out");
-    assert_eq!(
-        (egress.protocol.as_str(), egress.cidr.as_deref()),
-        ("all", Some("0.0.0.0/0"))
-    );
+    // All outbound traffic, IPv4 and IPv6 (dual-stack networks).
+    let egress: Vec<(&str, Option<&str>)> = rules
+        .iter()
+        .filter(|r| r.direction == "egress")
+        .map(|r| (r.protocol.as_str(), r.cidr.as_deref()))
+        .collect();
+    assert_eq!(egress, [("all", Some("0.0.0.0/0")), ("all", Some("::/0"))]);
     // Asking again makes nothing new; the other project gets its own default.
     let again = e.s.default_security_group(&e.admin).await.expect("again");
     assert_eq!(again.id, d.id);
@@ -248,7 +250,9 @@ async fn bad_groups_and_rules_change_nothing() {
         (rule("tcp", Some(80), None, "10.0.0.0/33"), "IPv4 CIDR"),
         (rule("tcp", Some(80), None, "10.0.0.0"), "IPv4 CIDR"),
         (rule("tcp", Some(80), None, "10.0.0.0/+8"), "IPv4 CIDR"),
-        (rule("tcp", Some(80), None, "fe80::/10"), "IPv4 CIDR"),
+        (rule("tcp", Some(80), None, "fd60::1/64"), "host bits"),
+        (rule("tcp", Some(80), None, "fd60::/129"), "IPv4 CIDR"),
+        (rule("icmpv6", Some(8), None, "::/0"), "no ports"),
         (
             NewSgRule {
                 direction: "sideways".into(),
@@ -739,4 +743,15 @@ fn cidrs_and_protocols() {
     assert_eq!(normalize_protocol("Udp").expect("udp"), "udp");
     assert_eq!(normalize_protocol("-1").expect("all"), "all");
     assert!(normalize_protocol("47").is_err());
+    // IPv6 peers and ICMPv6 (dual-stack networks).
+    assert_eq!(check_cidr("::/0").expect("any v6"), "::/0");
+    assert_eq!(check_cidr("FD60:1:0::/64").expect("v6"), "fd60:1::/64");
+    assert_eq!(
+        check_cidr("fd60:1::5054:ff:fe00:1/128").expect("v6 host"),
+        "fd60:1::5054:ff:fe00:1/128"
+    );
+    assert!(check_cidr("fd60:1::1/64").is_err(), "host bits");
+    assert!(check_cidr("fd60:1::/129").is_err());
+    assert_eq!(normalize_protocol("58").expect("icmpv6"), "icmpv6");
+    assert_eq!(normalize_protocol("ICMPv6").expect("icmpv6"), "icmpv6");
 }

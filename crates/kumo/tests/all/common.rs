@@ -372,7 +372,9 @@ impl Cloud {
     pub fn guest_http(&self, n: usize, ip: &str, path: &str) -> Option<String> {
         self.routers(n).iter().find_map(|r| {
             let out = Command::new("ip")
-                .args(["netns", "exec", r, "timeout", "5", "busybox", "wget", "-q", "-O", "-"])
+                .args([
+                    "netns", "exec", r, "timeout", "5", "busybox", "wget", "-q", "-O", "-",
+                ])
                 .arg(format!("http://{ip}{path}"))
                 .output()
                 .ok()?;

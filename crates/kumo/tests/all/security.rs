@@ -120,6 +120,8 @@ async fn security_groups_rules_and_instances() {
                 Some("0.0.0.0/0".into()),
                 None
             ),
+            // Dual-stack networks: all outbound IPv6 too.
+            ("egress".into(), "all".into(), Some("::/0".into()), None),
             ("ingress".into(), "all".into(), None, Some(d.id.clone())),
         ]
     );

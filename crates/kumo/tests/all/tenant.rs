@@ -62,7 +62,10 @@ async fn guest_sh(c: &Client, id: &str, line: &str) -> String {
         .await;
     let out = ws.read_until("END42END", Duration::from_secs(60)).await;
     ws.close().await;
-    assert!(out.contains("END42END"), "{id}: no end marker after {line:?}: {out}");
+    assert!(
+        out.contains("END42END"),
+        "{id}: no end marker after {line:?}: {out}"
+    );
     out
 }
 
@@ -71,7 +74,9 @@ async fn guest_fetch(c: &Client, from: &str, ip: &str) -> String {
     guest_sh(
         c,
         from,
-        &format!("echo \"GOT$((1+1))=$(timeout 6 wget -q -O - http://{ip}/ 2>/dev/null | sed -n 2p)\""),
+        &format!(
+            "echo \"GOT$((1+1))=$(timeout 6 wget -q -O - http://{ip}/ 2>/dev/null | sed -n 2p)\""
+        ),
     )
     .await
     .lines()
@@ -136,7 +141,11 @@ async fn tenant_networks_across_real_hosts() {
     })
     .await
     .expect("start a 3-host cluster");
-    eprintln!("tenant: cluster up in {:?}, logs in {}", t0.elapsed(), dir.display());
+    eprintln!(
+        "tenant: cluster up in {:?}, logs in {}",
+        t0.elapsed(),
+        dir.display()
+    );
     let c = cluster.client();
     demo_image_with(&c).await;
 
@@ -154,12 +163,18 @@ async fn tenant_networks_across_real_hosts() {
 
     // Project A (admin): network blue, two VMs on different hosts (a spread group of 1 per host).
     let blue: Value = c
-        .post("/api/v1/networks", &json!({"name": "blue", "cidr": "10.60.0.0/24"}))
+        .post(
+            "/api/v1/networks",
+            &json!({"name": "blue", "cidr": "10.60.0.0/24"}),
+        )
         .await
         .expect("network blue");
     let blue_id = blue["id"].as_str().expect("id").to_string();
     let _: Value = c
-        .post("/api/v1/security-groups", &json!({"name": "web", "description": "http"}))
+        .post(
+            "/api/v1/security-groups",
+            &json!({"name": "web", "description": "http"}),
+        )
         .await
         .expect("group web");
     c.create_placement_group(&kumo_types::api::CreatePlacementGroup {
@@ -185,7 +200,10 @@ async fn tenant_networks_across_real_hosts() {
         .await
         .expect("open store");
     let project = store.create_project("tenant-b").await.expect("project");
-    let user = store.create_user("bea", &project, "member").await.expect("user");
+    let user = store
+        .create_user("bea", &project, "member")
+        .await
+        .expect("user");
     let key = store.create_access_key(&user).await.expect("key");
     store.close().await;
     let mut cfg = cluster.client_config();
@@ -193,7 +211,10 @@ async fn tenant_networks_across_real_hosts() {
     cfg.secret_access_key = key.secret.clone();
     let b = Client::new(cfg).expect("client b");
     let _: Value = b
-        .post("/api/v1/networks", &json!({"name": "blue", "cidr": "10.60.0.0/24"}))
+        .post(
+            "/api/v1/networks",
+            &json!({"name": "blue", "cidr": "10.60.0.0/24"}),
+        )
         .await
         .expect("project B's network with the same cidr");
     let b1 = b
@@ -209,7 +230,10 @@ async fn tenant_networks_across_real_hosts() {
         wait_console(cl, id, BOOTED).await;
     }
     let (a1, a2, bvm) = (&vms[0], &vms[1], &vms[2]);
-    assert_ne!(a1.host_id, a2.host_id, "the spread group put a1 and a2 apart");
+    assert_ne!(
+        a1.host_id, a2.host_id,
+        "the spread group put a1 and a2 apart"
+    );
     eprintln!("tenant: 3 guests booted at {:?}", t0.elapsed());
 
     // Metadata: each guest read its own instance id, by IMDSv1 and by IMDSv2 with a token.
@@ -230,7 +254,11 @@ async fn tenant_networks_across_real_hosts() {
 
     // Same network across hosts (VXLAN): a1 fetches a2's page.
     let got = guest_fetch(&c, &a1.id, &ipof(a2)).await;
-    assert_eq!(got, format!("instance-id: {}", a2.id), "a1 -> a2 across hosts");
+    assert_eq!(
+        got,
+        format!("instance-id: {}", a2.id),
+        "a1 -> a2 across hosts"
+    );
     // Project B's guest, same cidr, reaches none of A's guests (whatever its own address).
     for a in [a1, a2] {
         if a.private_ip != bvm.private_ip {
@@ -241,7 +269,10 @@ async fn tenant_networks_across_real_hosts() {
     eprintln!("tenant: isolation checked at {:?}", t0.elapsed());
 
     // Elastic IP on a1.
-    let addr: Value = c.post("/api/v1/addresses", &json!({})).await.expect("allocate");
+    let addr: Value = c
+        .post("/api/v1/addresses", &json!({}))
+        .await
+        .expect("allocate");
     let eip = addr["public_ip"].as_str().expect("ip").to_string();
     let addr_id = addr["id"].as_str().expect("id").to_string();
     let _: Value = c
@@ -303,7 +334,12 @@ async fn tenant_networks_across_real_hosts() {
         .status()
         .expect("chmod");
     let httpd = cluster.exec_outside(&[
-        "busybox", "httpd", "-p", "8080", "-h", &www.display().to_string(),
+        "busybox",
+        "httpd",
+        "-p",
+        "8080",
+        "-h",
+        &www.display().to_string(),
     ]);
     assert!(httpd.status.success(), "outside httpd: {httpd:?}");
     let src = guest_sh(
@@ -317,7 +353,10 @@ async fn tenant_networks_across_real_hosts() {
         .lines()
         .find_map(|l| l.trim().strip_prefix("SRC="))
         .unwrap_or_default();
-    assert!(seen.contains(&format!(":{eip}]")) || seen == eip, "outbound source: {src}");
+    assert!(
+        seen.contains(&format!(":{eip}]")) || seen == eip,
+        "outbound source: {src}"
+    );
     // a2 has no elastic IP: it cannot reach the outside at all.
     let src2 = guest_sh(
         &c,
@@ -343,18 +382,37 @@ async fn tenant_networks_across_real_hosts() {
         )
         .await
         .unwrap_or(Value::Null);
-    eventually("port 80 closed again", || outside_fetch(&cluster, &url).is_none()).await;
-    eprintln!("tenant: elastic IP and security groups checked at {:?}", t0.elapsed());
+    eventually("port 80 closed again", || {
+        outside_fetch(&cluster, &url).is_none()
+    })
+    .await;
+    eprintln!(
+        "tenant: elastic IP and security groups checked at {:?}",
+        t0.elapsed()
+    );
 
     // Metadata refuses an address that is no VM's (the router itself asking).
     let o = std::process::Command::new("ip")
         .args([
-            "netns", "exec", &router, "timeout", "5", "busybox", "wget", "-q", "-O", "-",
+            "netns",
+            "exec",
+            &router,
+            "timeout",
+            "5",
+            "busybox",
+            "wget",
+            "-q",
+            "-O",
+            "-",
             "http://169.254.169.254/latest/meta-data/instance-id",
         ])
         .output()
         .expect("wget");
-    assert!(!o.status.success(), "metadata answered a non-VM: {}", sh_out(o));
+    assert!(
+        !o.status.success(),
+        "metadata answered a non-VM: {}",
+        sh_out(o)
+    );
 
     // Anti-spoofing: a1 with another IP, then another MAC, cannot reach a2.
     let spoof_ip = guest_sh(
@@ -382,9 +440,16 @@ async fn tenant_networks_across_real_hosts() {
         ),
     )
     .await;
-    assert!(spoof_mac.contains("SM2=blocked"), "MAC spoofing: {spoof_mac}");
+    assert!(
+        spoof_mac.contains("SM2=blocked"),
+        "MAC spoofing: {spoof_mac}"
+    );
     let back = guest_fetch(&c, &a1.id, &ipof(a2)).await;
-    assert_eq!(back, format!("instance-id: {}", a2.id), "a1 works again with its own IP and MAC");
+    assert_eq!(
+        back,
+        format!("instance-id: {}", a2.id),
+        "a1 works again with its own IP and MAC"
+    );
 
     // Drift on a1's host: delete the host firewall, add a bogus NAT rule in the router, kill the
     // router's dnsmasq, delete the network's bridge. The agent puts everything back and says so.
@@ -400,16 +465,31 @@ async fn tenant_networks_across_real_hosts() {
             .args(args)
             .output()
             .expect("run");
-        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     };
     run(&host_ns, &["nft", "delete", "table", "inet", "kumo"]);
     run(&router, &["nft", "add", "table", "ip", "bogus"]);
     // A bogus NAT entry: a stale elastic IP mapping (the Eucalyptus failure).
     run(
         &router,
-        &["nft", "add", "element", "inet", "kumo", "eip_dnat", "{ 203.0.113.99 : 10.60.0.99 }"],
+        &[
+            "nft",
+            "add",
+            "element",
+            "inet",
+            "kumo",
+            "eip_dnat",
+            "{ 203.0.113.99 : 10.60.0.99 }",
+        ],
     );
-    let pid_file = dir.join(&a1_host.name).join("net/dnsmasq").join(format!("{blue_id}.pid"));
+    let pid_file = dir
+        .join(&a1_host.name)
+        .join("net/dnsmasq")
+        .join(format!("{blue_id}.pid"));
     let dnsmasq_pid = std::fs::read_to_string(&pid_file).expect("dnsmasq pid file");
     let killed = std::process::Command::new("kill")
         .arg(dnsmasq_pid.trim())
@@ -420,12 +500,15 @@ async fn tenant_networks_across_real_hosts() {
     let deadline = Instant::now() + CONVERGE;
     loop {
         let ev = c.events(1000).await.expect("events");
-        let repaired = ev.len() > before_events
-            && ev.iter().any(|e| e.action == "host.network.repaired");
+        let repaired =
+            ev.len() > before_events && ev.iter().any(|e| e.action == "host.network.repaired");
         if repaired && ruleset_in(&host_ns) == host_rules {
             break;
         }
-        assert!(Instant::now() < deadline, "drift not repaired: events {ev:?}");
+        assert!(
+            Instant::now() < deadline,
+            "drift not repaired: events {ev:?}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let after_router = ruleset_in(&router);
@@ -436,13 +519,21 @@ async fn tenant_networks_across_real_hosts() {
         "router ruleset repaired"
     );
     let back = guest_fetch(&c, &a2.id, &ipof(a1)).await;
-    assert_eq!(back, format!("instance-id: {}", a1.id), "a2 -> a1 after the repair");
+    assert_eq!(
+        back,
+        format!("instance-id: {}", a1.id),
+        "a2 -> a1 after the repair"
+    );
 
     // A restarted agent renders the same ruleset, byte for byte.
     cluster.stop_agent(h1);
     cluster.start_agent(h1).expect("restart agent");
     tokio::time::sleep(Duration::from_secs(8)).await;
-    assert_eq!(ruleset_in(&host_ns), host_rules, "same host ruleset after an agent restart");
+    assert_eq!(
+        ruleset_in(&host_ns),
+        host_rules,
+        "same host ruleset after an agent restart"
+    );
 
     // In-use resources cannot be deleted.
     let err = c
