@@ -3,6 +3,7 @@
 //! prerequisite is a failure, never a skip.
 
 mod api;
+mod cloudinit;
 mod cluster;
 mod common;
 mod e2e;
@@ -11,6 +12,7 @@ mod ec2compat;
 mod fleet;
 mod hosts;
 mod images;
+mod ipv6;
 mod networks;
 mod openapi;
 mod placement;
