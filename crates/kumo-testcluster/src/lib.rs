@@ -11,11 +11,11 @@
 //! Teardown happens on [`Cluster::teardown`], on drop, and, if the owner was killed, in the next
 //! [`Cluster::start`] or `kumo dev cluster down` ([`sweep_stale`]).
 
+mod public;
 mod registry;
 mod sys;
 
 use std::fs::File;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -207,43 +207,6 @@ fn log_file(path: &Path) -> Result<(Stdio, Stdio), ClusterError> {
     Ok((Stdio::from(f), Stdio::from(g)))
 }
 
-/// Make the child die with this process (SIGKILL), so a killed test leaves no controller or
-/// agent behind. Note: the kernel ties this to the *thread* that spawns the child; spawn from
-/// a thread that lives as long as the cluster (a runtime worker or the main thread).
-/// The child joins the network namespace open as `ns` before it execs.
-fn enter_netns(cmd: &mut Command, ns: &std::fs::File) {
-    use std::os::fd::AsRawFd;
-    let fd = ns.as_raw_fd();
-    // SAFETY: the closure runs between fork and exec and only calls setns(2) on a descriptor that
-    // the caller keeps open until after spawn.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-fn die_with_parent(cmd: &mut Command) {
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: the closure runs between fork and exec; it calls only async-signal-safe
-    // functions (prctl, getppid) and allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent may have died before prctl took effect.
-            if libc::getppid() != parent {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-}
-
 fn valid_host_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= MAX_HOST_NAME
@@ -388,90 +351,6 @@ impl Cluster {
         Ok(())
     }
 
-    /// The "public" network: a bridge in the root namespace (no address: the machine itself stays out)
-    /// joining a `pub0` bridge in every host (the agents' `--public-bridge`) and the outside namespace,
-    /// which plays the Internet at [`OUTSIDE_IP`] on [`PUBLIC_CIDR`].
-    fn build_public_network(&mut self) -> Result<(), ClusterError> {
-        let id = self.id;
-        let pb = public_bridge_name(id);
-        sys::ip(&["link", "add", &pb, "type", "bridge"])?;
-        sys::ip(&["link", "set", &pb, "up"])?;
-        for (i, h) in self.hosts.clone().iter().enumerate() {
-            let veth = format!("kcv{id}p{i}");
-            sys::ip(&[
-                "link", "add", &veth, "type", "veth", "peer", "name", "pubv", "netns", &h.netns,
-            ])?;
-            sys::ip(&["link", "set", &veth, "master", &pb, "up"])?;
-            sys::ip(&[
-                "-n",
-                &h.netns,
-                "link",
-                "add",
-                HOST_PUBLIC_BRIDGE,
-                "type",
-                "bridge",
-            ])?;
-            sys::ip(&[
-                "-n",
-                &h.netns,
-                "link",
-                "set",
-                "pubv",
-                "master",
-                HOST_PUBLIC_BRIDGE,
-                "up",
-            ])?;
-            sys::ip(&["-n", &h.netns, "link", "set", HOST_PUBLIC_BRIDGE, "up"])?;
-        }
-        let outside = self.outside_netns();
-        sys::ip(&["netns", "add", &outside])?;
-        let veth = format!("kcv{id}o");
-        sys::ip(&[
-            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &outside,
-        ])?;
-        sys::ip(&["link", "set", &veth, "master", &pb, "up"])?;
-        sys::ip(&[
-            "-n",
-            &outside,
-            "addr",
-            "add",
-            &format!("{OUTSIDE_IP}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        sys::ip(&["-n", &outside, "link", "set", "eth0", "up"])?;
-        sys::ip(&["-n", &outside, "link", "set", "lo", "up"])?;
-        Ok(())
-    }
-
-    /// The namespace standing for the outside world on the public network.
-    pub fn outside_netns(&self) -> String {
-        netns_name(self.id, "outside")
-    }
-
-    /// Runs a command in the outside namespace.
-    pub fn exec_outside(&self, args: &[&str]) -> Output {
-        Command::new(sys::ip_bin())
-            .args(["netns", "exec", &self.outside_netns()])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(sys::failed_output)
-    }
-
-    /// Host `i`'s router namespace for a network (see `kumo agent --router-netns-prefix`).
-    pub fn router_netns(&self, i: usize, network_id: &str) -> String {
-        let tail: String = network_id
-            .chars()
-            .rev()
-            .take(12)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        format!("{}-r-{tail}", self.hosts[i].netns)
-    }
-
     fn keeps_dir(&self) -> bool {
         self.spec.keep_dir || std::env::var_os("KUMO_TEST_KEEP").is_some()
     }
@@ -504,7 +383,7 @@ impl Cluster {
             if std::env::var_os("KUMO_LOG").is_none() {
                 cmd.env("KUMO_LOG", "info,kumo=debug");
             }
-            die_with_parent(&mut cmd);
+            sys::die_with_parent(&mut cmd);
             let child = cmd
                 .spawn()
                 .map_err(|e| ClusterError::io("starting kumo server", e))?;
@@ -702,7 +581,7 @@ impl Cluster {
             message: format!("opening {ns_path}: {e}"),
         })?;
         let mut cmd = Command::new(&self.spec.kumo_bin);
-        enter_netns(&mut cmd, &ns_file);
+        sys::enter_netns(&mut cmd, &ns_file);
         cmd.args([
             "agent",
             "--controller",
@@ -755,7 +634,7 @@ impl Cluster {
         if std::env::var_os("KUMO_LOG").is_none() {
             cmd.env("KUMO_LOG", "info,kumo=debug");
         }
-        die_with_parent(&mut cmd);
+        sys::die_with_parent(&mut cmd);
         let child = cmd.spawn().map_err(|e| ClusterError::Host {
             host: h.name.clone(),
             message: format!("starting its agent: {e}"),

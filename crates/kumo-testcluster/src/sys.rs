@@ -1,6 +1,7 @@
 //! Small system helpers: running `ip`, finding and killing processes by network namespace.
 
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -196,5 +197,42 @@ pub fn failed_output(e: std::io::Error) -> Output {
         status: std::process::ExitStatus::from_raw(127 << 8),
         stdout: vec![],
         stderr: e.to_string().into_bytes(),
+    }
+}
+
+/// The child joins the network namespace open as `ns` before it execs.
+pub fn enter_netns(cmd: &mut Command, ns: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let fd = ns.as_raw_fd();
+    // SAFETY: the closure runs between fork and exec and only calls setns(2) on a descriptor that
+    // the caller keeps open until after spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Make the child die with this process (SIGKILL), so a killed test leaves no controller or
+/// agent behind. Note: the kernel ties this to the *thread* that spawns the child; spawn from
+/// a thread that lives as long as the cluster (a runtime worker or the main thread).
+pub fn die_with_parent(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs between fork and exec; it calls only async-signal-safe
+    // functions (prctl, getppid) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
     }
 }
