@@ -32,7 +32,12 @@ fn create_req(name: &str) -> CreateInstance {
     .expect("a CreateInstance")
 }
 
-async fn wait_state(c: &Client, id: &str, want: InstanceState, timeout: Duration) -> Instance {
+pub(crate) async fn wait_state(
+    c: &Client,
+    id: &str,
+    want: InstanceState,
+    timeout: Duration,
+) -> Instance {
     let deadline = Instant::now() + timeout;
     loop {
         let i = c.instance(id).await.expect("instance");
@@ -49,12 +54,13 @@ async fn wait_state(c: &Client, id: &str, want: InstanceState, timeout: Duration
     }
 }
 
-async fn wait_console(c: &Client, id: &str, needle: &str, timeout: Duration) {
+/// Waits until the console shows `needle`; returns the console text.
+pub(crate) async fn wait_console(c: &Client, id: &str, needle: &str, timeout: Duration) -> String {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(out) = c.console(id, 1 << 20).await {
             if out.output.contains(needle) {
-                return;
+                return out.output;
             }
         }
         assert!(

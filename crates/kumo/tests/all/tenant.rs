@@ -13,6 +13,7 @@ use kumo_types::api::{CreateInstance, Instance};
 use kumo_types::InstanceState;
 use serde_json::{json, Value};
 
+use crate::cluster::{wait_console, wait_state};
 use crate::common::{demo_image_with, KUMO};
 use crate::e2e::{Ws, BOOTED};
 
@@ -20,36 +21,6 @@ use crate::e2e::{Ws, BOOTED};
 const BOOT: Duration = Duration::from_secs(180);
 /// Policy changes reach the hosts within a few network intervals (2 s in test clusters).
 const CONVERGE: Duration = Duration::from_secs(45);
-
-async fn wait_state(c: &Client, id: &str, want: InstanceState) -> Instance {
-    let deadline = Instant::now() + BOOT;
-    loop {
-        let i = c.instance(id).await.expect("instance");
-        if i.state == want {
-            return i;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{id} is {} ({:?}), wanted {want}",
-            i.state,
-            i.last_error
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-async fn wait_console(c: &Client, id: &str, needle: &str) -> String {
-    let deadline = Instant::now() + BOOT;
-    loop {
-        if let Ok(out) = c.console(id, 1 << 20).await {
-            if out.output.contains(needle) {
-                return out.output;
-            }
-        }
-        assert!(Instant::now() < deadline, "{id} never printed {needle:?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
 
 /// Runs a shell line on a guest's serial console and returns what it printed up to the end marker.
 /// Markers are computed by the guest's shell (`$((..))`), so the echoed command never matches them.
@@ -226,8 +197,8 @@ async fn tenant_networks_across_real_hosts() {
     let mut vms: Vec<Instance> = vec![];
     for id in a_ids.iter().chain([&b1]) {
         let cl = if *id == b1 { &b } else { &c };
-        vms.push(wait_state(cl, id, InstanceState::Running).await);
-        wait_console(cl, id, BOOTED).await;
+        vms.push(wait_state(cl, id, InstanceState::Running, BOOT).await);
+        wait_console(cl, id, BOOTED, BOOT).await;
     }
     let (a1, a2, bvm) = (&vms[0], &vms[1], &vms[2]);
     assert_ne!(
@@ -238,7 +209,7 @@ async fn tenant_networks_across_real_hosts() {
 
     // Metadata: each guest read its own instance id, by IMDSv1 and by IMDSv2 with a token.
     for vm in [a1, a2] {
-        let out = wait_console(&c, &vm.id, "KUMO-GUEST-METADATA").await;
+        let out = wait_console(&c, &vm.id, "KUMO-GUEST-METADATA", BOOT).await;
         let line = out
             .lines()
             .find(|l| l.contains("KUMO-GUEST-METADATA"))
