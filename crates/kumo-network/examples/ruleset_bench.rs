@@ -372,7 +372,8 @@ async fn bench_shape(
             )));
         }
     }
-    // The live ruleset is the whole one: every port in the tap set, one ingress chain per profile.
+    // The live ruleset is the whole one: every port in the tap set, one mark chain per profile
+    // (the rules themselves are set elements).
     let ip_nft = ["netns", "exec", ns, "nft", "-j"];
     let set = run(
         "ip",
@@ -380,15 +381,15 @@ async fn bench_shape(
     )
     .await?;
     let taps = count_json(&set, "elem", |_| true)?;
-    let chains = run("ip", &[&ip_nft[..], &["list", "chains", "inet"]].concat()).await?;
-    let sg_in = count_json(&chains, "chain", |n| n.starts_with("sg_in_"))?;
+    let chains = run("ip", &[&ip_nft[..], &["list", "chains", "bridge"]].concat()).await?;
+    let sg_in = count_json(&chains, "chain", |n| n.starts_with("out_profile_"))?;
     if taps != ports || sg_in != profiles {
         return Err(BenchError::Check(format!(
-            "{label}: live ruleset has {taps} taps and {sg_in} ingress chains, want {ports} and {profiles}"
+            "{label}: live ruleset has {taps} taps and {sg_in} profile chains, want {ports} and {profiles}"
         )));
     }
     println!(
-        "  ({label}) {ports} ports, {} group(s), {rules} rules in all: {} lines, {:.0} KiB of nft text; live: {taps} taps, {sg_in} ingress chain(s)",
+        "  ({label}) {ports} ports, {} group(s), {rules} rules in all: {} lines, {:.0} KiB of nft text; live: {taps} taps, {sg_in} profile chain(s)",
         groups.len(),
         text.lines().count(),
         text.len() as f64 / 1024.0

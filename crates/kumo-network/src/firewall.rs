@@ -2,22 +2,27 @@
 //! for drift against what was applied.
 //!
 //! **Host namespace**: two tables, replaced together in one transaction ([`render_host`]).
-//! - `bridge kumo`: anti-spoofing on VM taps, uplink hygiene, and packet marks. The `ports_in` chain
-//!   (prerouting) sets the mark's upper 16 bits to the *port number* of the ingress port: VM taps of all
-//!   networks sorted by name are numbered 1, 2, …; a router port is 0xffff; an uplink 0. The `ports_out`
-//!   chain (forward; it runs once per egress port, flooded frames included) ORs the *ingress profile* of
-//!   the egress tap into the lower 16 bits. A profile is a distinct set of security groups, numbered 1, 2,
-//!   … in the order of the sorted group lists. nft 1.0.6 can only OR constants into the mark, hence one
-//!   one-rule chain per profile behind a verdict map: per profile, not per port, keeps it small.
+//! - `bridge kumo`: anti-spoofing on VM taps, uplink hygiene, and packet marks. A *profile* is a
+//!   distinct set of security groups, numbered 1, 2, … in the order of the sorted group lists (a port
+//!   without groups has one too). The `ports_in` chain (prerouting) sets the mark's upper 16 bits to
+//!   the sending tap's profile; a router port is 0xffff, an uplink 0. The `ports_out` chain (forward;
+//!   it runs once per egress port, flooded frames included) ORs the receiving tap's profile into the
+//!   lower 16 bits. nft 1.0.6 can only OR constants into the mark, hence one one-rule chain per
+//!   profile behind a verdict map (cheap: no sets, one rule each).
 //! - IPv6 (dual-stack networks only): taps send from their link-local and SLAAC (EUI-64) addresses, or
 //!   from `::` for DAD/MLD; never router advertisements, redirects or DHCPv6 replies; neighbour
 //!   advertisements only for their own addresses. Uplinks carry no RA/RS/DHCPv6 (each host's router
-//!   serves its own VMs). Security group rules render `ip6` lines for IPv6 peers.
+//!   serves its own VMs).
 //! - `inet kumo`: br_netfilter passes bridged IPv4 and IPv6 through the inet forward hook with conntrack (there
 //!   `iifname` is the bridge, hence the marks). `vm_filter` accepts established traffic, the gateway's
-//!   services, then jumps to the sending port's egress chain and the receiving profile's ingress chain;
-//!   their allow rules `return` and they end in `drop`. Each bridge gets its own conntrack zone so that
-//!   two networks with the same CIDR never share connection state.
+//!   services, then (from a tap) jumps to `sg_out` and (towards a tap) to `sg_in`. Security groups are
+//!   data, not code, so that the ruleset's sets, chains and rules do not grow with the number of groups:
+//!   per direction and family, concatenated interval sets keyed by the profile's half of the mark and
+//!   the peer, `in4` (`mark . ipv4_addr . inet_proto . inet_service`, tcp/udp port ranges), `in4_proto`
+//!   (`mark . ipv4_addr . inet_proto`) and `in4_all` (`mark . ipv4_addr`), likewise `in6*` and `out*`
+//!   (egress looks up the daddr). A hit `return`s; `sg_in`/`sg_out` end in `drop`. A port without
+//!   groups has open egress (`0.0.0.0/0` and `::/0` elements) and no ingress elements. Each bridge gets
+//!   its own conntrack zone so that two networks with the same CIDR never share connection state.
 //!
 //! **Router namespace** ([`render_router`]): `inet kumo` with elastic IP DNAT/SNAT maps, forward policy
 //! drop, and nothing reachable on the router itself from `ext0` but replies.
@@ -43,7 +48,7 @@ const MAX_PORTS: usize = 0xfffe;
 // ---------------------------------------------------------------------------------------------------
 // Security group rules, parsed.
 
-use rules::{covers, mask, parse_rule, parse_v4_cidr, rule_texts};
+use rules::{add_elements, covers, mask, parse_rule, parse_v4_cidr, Elements, Rule};
 
 /// Characters a group id may have (it appears in comments of the rendered text).
 fn group_id_ok(id: &str) -> bool {
@@ -187,29 +192,58 @@ fn q(ifname: &str) -> String {
     format!("\"{ifname}\"")
 }
 
-/// The allow rules of a profile in one direction: the union of its groups' rules, deduplicated.
+/// The parsed rules of a profile in one direction: the union of its groups' rules.
 fn profile_rules(
     key: &[String],
     groups: &BTreeMap<&str, &GroupPolicy>,
     ingress: bool,
-) -> Vec<String> {
-    let mut lines: Vec<String> = Vec::new();
+) -> Vec<Rule> {
+    let mut out = Vec::new();
     for id in key {
         let Some(g) = groups.get(id.as_str()) else {
             continue; // Unknown group: contributes nothing (fails closed).
         };
         let rules = if ingress { &g.ingress } else { &g.egress };
-        for r in rules {
-            if let Ok(Some(rule)) = parse_rule(r) {
-                for text in rule_texts(&rule, if ingress { "saddr" } else { "daddr" }) {
-                    if !lines.contains(&text) {
-                        lines.push(text);
-                    }
-                }
-            }
-        }
+        out.extend(rules.iter().filter_map(|r| parse_rule(r).ok().flatten()));
     }
-    lines
+    out
+}
+
+/// The lookup sets of one direction (`in` or `out`), keyed by the profile's mark value.
+fn sg_sets(out: &mut String, dir: &str, e: &Elements) {
+    let v = |s: &BTreeSet<String>| -> Vec<String> { s.iter().cloned().collect() };
+    let sets = [
+        ("4", "ipv4_addr . inet_proto . inet_service", &e.ports4),
+        ("6", "ipv6_addr . inet_proto . inet_service", &e.ports6),
+        ("4_proto", "ipv4_addr . inet_proto", &e.proto4),
+        ("6_proto", "ipv6_addr . inet_proto", &e.proto6),
+        ("4_all", "ipv4_addr", &e.all4),
+        ("6_all", "ipv6_addr", &e.all6),
+    ];
+    for (suffix, ty, elems) in sets {
+        set_block(
+            out,
+            "set",
+            &format!("{dir}{suffix}"),
+            &format!("type mark . {ty}; flags interval"),
+            &v(elems),
+        );
+    }
+}
+
+/// The chain that looks a packet up in one direction's sets: allowed traffic returns, the rest drops.
+fn sg_chain(out: &mut String, dir: &str, mask: &str, field: &str) {
+    let m = format!("meta mark & {mask}");
+    let lines = vec![
+        format!("{m} . ip {field} . meta l4proto . th dport @{dir}4 return"),
+        format!("{m} . ip6 {field} . meta l4proto . th dport @{dir}6 return"),
+        format!("{m} . ip {field} . meta l4proto @{dir}4_proto return"),
+        format!("{m} . ip6 {field} . meta l4proto @{dir}6_proto return"),
+        format!("{m} . ip {field} @{dir}4_all return"),
+        format!("{m} . ip6 {field} @{dir}6_all return"),
+        "drop".to_string(),
+    ];
+    chain_block(out, &format!("sg_{dir}"), &lines);
 }
 
 /// The host namespace's ruleset (tables [`HOST_TABLES`]) as text for `nft -f`.
@@ -234,7 +268,6 @@ pub(crate) fn render_host(nets: &[Network], groups: &[GroupPolicy]) -> String {
         by_id.entry(g.id.as_str()).or_insert(g);
     }
     let profile_of = |p: &Port| profiles.get(&profile_key(p)).copied().unwrap_or(0);
-    let port_mark = |i: usize| ((i as u32 + 1) & 0xffff) << 16;
     let uplinks: Vec<(&Network, String)> = nets
         .iter()
         .filter_map(|n| n.uplink().map(|u| (*n, u)))
@@ -249,19 +282,22 @@ pub(crate) fn render_host(nets: &[Network], groups: &[GroupPolicy]) -> String {
     push(
         &mut out,
         0,
-        "# Port numbers (mark bits 16-31), in tap name order:",
+        "# Ports in tap name order, with their profile:",
     );
-    for (i, (n, p)) in ports.iter().enumerate() {
+    for (n, p) in &ports {
         let line = format!(
-            "#   {} = {} (network {}, profile {})",
-            i + 1,
+            "#   {} (network {}, profile {})",
             p.tap,
             n.name,
             profile_of(p)
         );
         push(&mut out, 0, &line);
     }
-    push(&mut out, 0, "# Profiles (mark bits 0-15 towards a tap):");
+    push(
+        &mut out,
+        0,
+        "# Profiles (mark bits 16-31 from a tap, 0-15 towards a tap):",
+    );
     for (key, k) in &profiles {
         push(&mut out, 0, &format!("#   {k} = [{}]", key.join(" ")));
     }
@@ -353,8 +389,7 @@ pub(crate) fn render_host(nets: &[Network], groups: &[GroupPolicy]) -> String {
     );
     let mut marks: Vec<(String, u32)> = ports
         .iter()
-        .enumerate()
-        .map(|(i, (_, p))| (p.tap.clone(), port_mark(i)))
+        .map(|(_, p)| (p.tap.clone(), (profile_of(p) as u32 & 0xffff) << 16))
         .collect();
     marks.extend(nets.iter().map(|n| (n.router_port(), ROUTER_MARK)));
     marks.extend(uplinks.iter().map(|(_, u)| (u.clone(), 0)));
@@ -503,18 +538,26 @@ pub(crate) fn render_host(nets: &[Network], groups: &[GroupPolicy]) -> String {
         "type ifname . ipv4_addr",
         &gateways,
     );
-    let egress: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .filter(|(_, (_, p))| !p.groups.is_empty())
-        .map(|(i, (_, p))| format!("0x{:08x} : jump sg_out_{}", port_mark(i), profile_of(p)))
-        .collect();
-    set_block(&mut out, "map", "egress", "type mark : verdict", &egress);
-    let ingress: Vec<String> = profiles
-        .values()
-        .map(|k| format!("0x{k:08x} : jump sg_in_{k}"))
-        .collect();
-    set_block(&mut out, "map", "ingress", "type mark : verdict", &ingress);
+    // Security groups as data: elements per (profile, peer, protocol, ports), not chains per group.
+    let mut ins = Elements::default();
+    let mut outs = Elements::default();
+    for (key, k) in &profiles {
+        add_elements(
+            &format!("0x{k:08x}"),
+            &profile_rules(key, &by_id, true),
+            &mut ins,
+        );
+        let egress_key = format!("0x{:08x}", (*k as u32 & 0xffff) << 16);
+        if key.is_empty() {
+            // A port without groups sends anywhere.
+            outs.all4.insert(format!("{egress_key} . 0.0.0.0/0"));
+            outs.all6.insert(format!("{egress_key} . ::/0"));
+        } else {
+            add_elements(&egress_key, &profile_rules(key, &by_id, false), &mut outs);
+        }
+    }
+    sg_sets(&mut out, "in", &ins);
+    sg_sets(&mut out, "out", &outs);
     chain_block(
         &mut out,
         "zones",
@@ -543,22 +586,13 @@ pub(crate) fn render_host(nets: &[Network], groups: &[GroupPolicy]) -> String {
             // The router itself (the agent's port-forward) reaches its VMs; elastic-IP traffic keeps the
             // outside source and passes the security groups.
             format!("meta mark & 0xffff0000 == 0x{ROUTER_MARK:08x} iifname . ip saddr @gateways accept"),
-            "meta mark & 0xffff0000 vmap @egress".to_string(),
-            "meta mark & 0x0000ffff vmap @ingress".to_string(),
+            // From a tap (not an uplink or router port): its egress rules; towards a tap: its ingress rules.
+            format!("meta mark & 0xffff0000 != {{ 0x00000000, 0x{ROUTER_MARK:08x} }} jump sg_out"),
+            "meta mark & 0x0000ffff != 0x00000000 jump sg_in".to_string(),
         ],
     );
-    for (key, k) in &profiles {
-        let mut ins = vec![format!("# ingress of [{}]", key.join(" "))];
-        ins.extend(profile_rules(key, &by_id, true));
-        ins.push("drop".into());
-        chain_block(&mut out, &format!("sg_in_{k}"), &ins);
-        if !key.is_empty() {
-            let mut outs = vec![format!("# egress of [{}]", key.join(" "))];
-            outs.extend(profile_rules(key, &by_id, false));
-            outs.push("drop".into());
-            chain_block(&mut out, &format!("sg_out_{k}"), &outs);
-        }
-    }
+    sg_chain(&mut out, "out", "0xffff0000", "daddr");
+    sg_chain(&mut out, "in", "0x0000ffff", "saddr");
     push(&mut out, 0, "}");
     out
 }

@@ -1,10 +1,11 @@
-//! Security group rules reduced to what nft needs, for IPv4 and IPv6 peers.
+//! Security group rules reduced to set elements, for IPv4 and IPv6 peers.
 //!
-//! A rule's sources may mix families; each family renders its own allow line (`ip saddr …` /
-//! `ip6 saddr …`) unless the rule is open to both (`0.0.0.0/0` and `::/0`), which needs no address
-//! match at all. `icmp` is IPv4's ICMP only and `icmpv6` IPv6's (as in EC2), so a rule of one with
-//! only the other family's peers matches nothing.
+//! A rule's sources may mix families; each family gets its own elements (`ipv4_addr` / `ipv6_addr`
+//! sets), `0.0.0.0/0` and `::/0` being ordinary intervals. `icmp` is IPv4's ICMP only and `icmpv6`
+//! IPv6's (as in EC2), so a rule of one with only the other family's peers matches nothing. Elements
+//! of one profile never overlap: the kernel refuses overlapping elements in a concatenated interval set.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::spec::RulePolicy;
@@ -176,60 +177,139 @@ fn cidr_text<T: std::fmt::Display>((addr, prefix): &(T, u8), host: u8) -> String
     }
 }
 
-fn peers_text<T: std::fmt::Display>(
-    family: &str,
-    field: &str,
-    peers: &Peers<T>,
-    host: u8,
-) -> String {
-    match peers {
-        Peers::Any => format!(
-            "meta nfproto {} ",
-            if family == "ip" { "ipv4" } else { "ipv6" }
-        ),
-        Peers::Nets(nets) => {
-            let list: Vec<String> = nets.iter().map(|n| cidr_text(n, host)).collect();
-            if list.len() == 1 {
-                format!("{family} {field} {} ", list[0])
-            } else {
-                format!("{family} {field} {{ {} }} ", list.join(", "))
+/// The element lists of one direction's lookup sets, each sorted and deduplicated.
+#[derive(Debug, Default)]
+pub(super) struct Elements {
+    /// `mark . peer . proto . port-range`: tcp/udp rules with ports, IPv4 and IPv6.
+    pub ports4: BTreeSet<String>,
+    pub ports6: BTreeSet<String>,
+    /// `mark . peer . proto`: icmp, icmpv6, and tcp/udp with all ports.
+    pub proto4: BTreeSet<String>,
+    pub proto6: BTreeSet<String>,
+    /// `mark . peer`: all protocols.
+    pub all4: BTreeSet<String>,
+    pub all6: BTreeSet<String>,
+}
+
+/// An inclusive port range and the peers it is open to.
+type PortRule<T> = ((u16, u16), Vec<(T, u8)>);
+
+/// One family's share of a profile's rules, before it is made disjoint.
+struct Family<T> {
+    all: Vec<(T, u8)>,
+    proto: BTreeMap<&'static str, Vec<(T, u8)>>,
+    ports: BTreeMap<&'static str, Vec<PortRule<T>>>,
+}
+
+impl<T> Default for Family<T> {
+    fn default() -> Self {
+        Family {
+            all: Vec::new(),
+            proto: BTreeMap::new(),
+            ports: BTreeMap::new(),
+        }
+    }
+}
+
+impl<T: Copy + Ord + std::fmt::Display> Family<T> {
+    fn add(&mut self, proto: Proto, peers: &Peers<T>, zero: T) {
+        let nets = match peers {
+            Peers::Any => vec![(zero, 0)],
+            Peers::Nets(n) => n.clone(),
+        };
+        match proto {
+            Proto::All => self.all.extend(nets),
+            Proto::Icmp => self.proto.entry("icmp").or_default().extend(nets),
+            Proto::Icmpv6 => self.proto.entry("ipv6-icmp").or_default().extend(nets),
+            Proto::Ports(p, None) => self.proto.entry(p).or_default().extend(nets),
+            Proto::Ports(p, Some(range)) => self.ports.entry(p).or_default().push((range, nets)),
+        }
+    }
+
+    /// Renders the elements. The kernel refuses overlapping elements in a concatenated interval set,
+    /// so nested peers collapse to the widest and port ranges split where their peer lists differ.
+    fn render(
+        self,
+        key: &str,
+        host: u8,
+        covers: impl Fn((T, u8), (T, u8)) -> bool + Copy,
+        out: [&mut BTreeSet<String>; 3],
+    ) {
+        let [ports_out, proto_out, all_out] = out;
+        let any = if host == 32 { "0.0.0.0/0" } else { "::/0" };
+        let peer_texts = |nets: Vec<(T, u8)>| -> Vec<String> {
+            match collapse(nets, covers) {
+                None => Vec::new(),
+                Some(Peers::Any) => vec![any.to_string()],
+                Some(Peers::Nets(n)) => n.iter().map(|x| cidr_text(x, host)).collect(),
+            }
+        };
+        for peer in peer_texts(self.all) {
+            all_out.insert(format!("{key} . {peer}"));
+        }
+        for (proto, nets) in self.proto {
+            for peer in peer_texts(nets) {
+                proto_out.insert(format!("{key} . {peer} . {proto}"));
+            }
+        }
+        for (proto, ranges) in self.ports {
+            // Elementary segments between all range boundaries; each gets the union of its rules' peers.
+            let mut cuts: BTreeSet<u32> = BTreeSet::new();
+            for ((a, b), _) in &ranges {
+                cuts.insert(u32::from(*a));
+                cuts.insert(u32::from(*b) + 1);
+            }
+            let cuts: Vec<u32> = cuts.into_iter().collect();
+            let mut merged: Vec<(u32, u32, Vec<String>)> = Vec::new();
+            for w in cuts.windows(2) {
+                let (lo, hi) = (w[0], w[1] - 1);
+                let nets: Vec<(T, u8)> = ranges
+                    .iter()
+                    .filter(|((a, b), _)| u32::from(*a) <= lo && hi <= u32::from(*b))
+                    .flat_map(|(_, n)| n.iter().copied())
+                    .collect();
+                let peers = peer_texts(nets);
+                match merged.last_mut() {
+                    Some(last) if last.1 + 1 == lo && last.2 == peers => last.1 = hi,
+                    _ => merged.push((lo, hi, peers)),
+                }
+            }
+            for (lo, hi, peers) in merged {
+                let range = if lo == hi {
+                    lo.to_string()
+                } else {
+                    format!("{lo}-{hi}")
+                };
+                for peer in peers {
+                    ports_out.insert(format!("{key} . {peer} . {proto} . {range}"));
+                }
             }
         }
     }
 }
 
-fn proto_text(proto: Proto) -> String {
-    match proto {
-        Proto::All => String::new(),
-        Proto::Icmp => "meta l4proto icmp ".into(),
-        Proto::Icmpv6 => "meta l4proto ipv6-icmp ".into(),
-        Proto::Ports(p, None) => format!("meta l4proto {p} "),
-        Proto::Ports(p, Some((a, b))) if a == b => format!("{p} dport {a} "),
-        Proto::Ports(p, Some((a, b))) => format!("{p} dport {a}-{b} "),
+/// Adds the set elements of `rules` under the profile's mark value `key` (e.g. `0x00000003`).
+pub(super) fn add_elements(key: &str, rules: &[Rule], out: &mut Elements) {
+    let mut v4: Family<Ipv4Addr> = Family::default();
+    let mut v6: Family<Ipv6Addr> = Family::default();
+    for r in rules {
+        if let Some(p) = &r.v4 {
+            v4.add(r.proto, p, Ipv4Addr::UNSPECIFIED);
+        }
+        if let Some(p) = &r.v6 {
+            v6.add(r.proto, p, Ipv6Addr::UNSPECIFIED);
+        }
     }
-}
-
-/// The nft allow lines of a rule: `saddr` peers (ingress) or `daddr` peers (egress), protocol, `return`.
-pub(super) fn rule_texts(rule: &Rule, peer_field: &str) -> Vec<String> {
-    let proto = proto_text(rule.proto);
-    if rule.v4 == Some(Peers::Any) && rule.v6 == Some(Peers::Any) {
-        return vec![format!("{proto}return")];
-    }
-    let mut out = Vec::new();
-    if let Some(p) = &rule.v4 {
-        // ICMP exists only in IPv4: no family match needed.
-        let peers = match (p, rule.proto) {
-            (Peers::Any, Proto::Icmp) => String::new(),
-            _ => peers_text("ip", peer_field, p, 32),
-        };
-        out.push(format!("{peers}{proto}return"));
-    }
-    if let Some(p) = &rule.v6 {
-        let peers = match (p, rule.proto) {
-            (Peers::Any, Proto::Icmpv6) => String::new(),
-            _ => peers_text("ip6", peer_field, p, 128),
-        };
-        out.push(format!("{peers}{proto}return"));
-    }
-    out
+    v4.render(
+        key,
+        32,
+        covers,
+        [&mut out.ports4, &mut out.proto4, &mut out.all4],
+    );
+    v6.render(
+        key,
+        128,
+        covers6,
+        [&mut out.ports6, &mut out.proto6, &mut out.all6],
+    );
 }

@@ -1,6 +1,7 @@
 use super::nft::describe_drift;
 use super::*;
 use crate::spec::{Isolation, RulePolicy};
+use std::collections::BTreeSet;
 
 fn net(name: &str, cidr: &str, gw: &str, isolation: Isolation) -> NetworkSpec {
     NetworkSpec {
@@ -170,9 +171,10 @@ fn anti_spoofing_sets_hold_each_ports_mac_and_ip() {
     // Ports are numbered in tap name order across networks; router ports and uplinks are marked too.
     let marks = block(&host, "map port_mark");
     for expected in [
-        "\"kt-a1\" : 0x00010000",
-        "\"kt-a3\" : 0x00030000",
-        "\"kt-b2\" : 0x00050000",
+        // Taps carry their profile in the upper half (see ports_with_the_same_groups_share_chains).
+        "\"kt-a1\" : 0x00030000",
+        "\"kt-a3\" : 0x00020000",
+        "\"kt-b2\" : 0x00010000",
         "\"kr-alpha\" : 0xffff0000",
         "\"kx-alpha\" : 0x00000000",
     ] {
@@ -194,8 +196,7 @@ fn anti_spoofing_sets_hold_each_ports_mac_and_ip() {
 fn ports_with_the_same_groups_share_chains() {
     let (host, _) = render_sample();
     // Profiles: [] = 1, [sg-ssh sg-web] = 2, [sg-web] = 3; b1's duplicate and order do not matter.
-    assert_eq!(host.matches("\tchain sg_in_").count(), 3);
-    assert_eq!(host.matches("\tchain sg_out_").count(), 2);
+    assert_eq!(host.matches("\tchain sg_").count(), 2);
     assert_eq!(host.matches("\tchain out_profile_").count(), 3);
     let to_vm = block(&host, "map to_vm");
     for expected in [
@@ -230,102 +231,139 @@ fn ports_with_the_same_groups_share_chains() {
         many,
     )];
     let (host, _) = render_for_test(&nets, &sample().1, None).unwrap();
-    assert_eq!(host.matches("\tchain sg_in_").count(), 1);
-    assert_eq!(host.matches("\tchain sg_out_").count(), 1);
-    assert_eq!(block(&host, "map egress").len(), 1 + 1000);
+    assert_eq!(host.matches("\tchain sg_").count(), 2);
+    assert_eq!(host.matches("\tchain out_profile_").count(), 1);
+    assert_eq!(block(&host, "set in4").len(), 1 + 2, "type line, two peers");
+    assert_eq!(block(&host, "map port_mark").len(), 1 + 1000 + 1);
 }
 
 #[test]
 fn a_port_without_groups_has_open_egress_and_closed_ingress() {
     let (host, _) = render_sample();
-    let egress = block(&host, "map egress");
-    // kt-b2 (port 5) has no groups: no egress jump; the other four have one.
-    assert!(
-        !egress.iter().any(|l| l.starts_with("0x00050000")),
-        "{egress:?}"
+    // kt-b2 has no groups (profile 1): egress open to both families, no ingress element at all.
+    let out4 = block(&host, "set out4_all");
+    assert_eq!(
+        out4[1..],
+        [
+            "0x00010000 . 0.0.0.0/0",
+            "0x00020000 . 0.0.0.0/0",
+            "0x00030000 . 0.0.0.0/0"
+        ]
     );
-    assert!(egress.contains(&"0x00010000 : jump sg_out_3".to_string()));
-    assert_eq!(egress.len(), 1 + 4);
-    assert_eq!(block(&host, "chain sg_in_1"), ["# ingress of []", "drop"]);
-    assert!(!host.contains("chain sg_out_1 "));
+    assert_eq!(block(&host, "set out6_all")[1..], ["0x00010000 . ::/0"]);
+    for set in ["in4", "in6", "in4_proto", "in6_proto", "in4_all", "in6_all"] {
+        assert!(
+            !block(&host, &format!("set {set}"))
+                .iter()
+                .any(|l| l.starts_with("0x00000001 ")),
+            "{set}"
+        );
+    }
+    assert_eq!(
+        block(&host, "chain sg_in").last().map(String::as_str),
+        Some("drop")
+    );
     // A port naming an unknown group fails closed: its chains allow nothing.
     let nets = vec![(
         net("n", "10.1.0.0/24", "10.1.0.1", Isolation::Local),
         vec![port("kt-x", 1, "10.1.0.5", &["sg-gone"], None)],
     )];
     let (host, _) = render_for_test(&nets, &[], None).unwrap();
-    assert_eq!(
-        block(&host, "chain sg_out_1"),
-        ["# egress of [sg-gone]", "drop"]
-    );
+    for set in [
+        "out4",
+        "out6",
+        "out4_proto",
+        "out6_proto",
+        "out4_all",
+        "out6_all",
+    ] {
+        assert_eq!(
+            block(&host, &format!("set {set}")).len(),
+            1,
+            "{set}: type line only"
+        );
+    }
 }
 
 #[test]
 fn rules_render_protocols_ports_and_sources() {
     let (host, _) = render_sample();
+    // Profiles: [sg-ssh sg-web] = 2, [sg-web] = 3; ingress keyed by the lower half of the mark.
     assert_eq!(
-        block(&host, "chain sg_in_3"),
+        block(&host, "set in4"),
         [
-            "# ingress of [sg-web]",
-            "ip saddr { 10.0.0.0/24, 192.168.1.5 } tcp dport 80-90 return",
-            "meta l4proto icmp return",
-            "drop",
+            "type mark . ipv4_addr . inet_proto . inet_service; flags interval",
+            "0x00000002 . 10.0.0.0/24 . tcp . 80-90",
+            "0x00000002 . 192.168.1.5 . tcp . 80-90",
+            "0x00000002 . 198.51.100.0/24 . tcp . 22",
+            "0x00000003 . 10.0.0.0/24 . tcp . 80-90",
+            "0x00000003 . 192.168.1.5 . tcp . 80-90",
         ]
     );
     assert_eq!(
-        block(&host, "chain sg_in_2"),
+        block(&host, "set in4_proto")[1..],
         [
-            "# ingress of [sg-ssh sg-web]",
-            "ip saddr 198.51.100.0/24 tcp dport 22 return",
-            "ip saddr { 10.0.0.0/24, 192.168.1.5 } tcp dport 80-90 return",
-            "meta l4proto icmp return",
-            "drop",
+            "0x00000002 . 0.0.0.0/0 . icmp",
+            "0x00000003 . 0.0.0.0/0 . icmp"
         ]
+    );
+    // Egress keyed by the upper half: the sending port's profile.
+    assert_eq!(
+        block(&host, "set out4")[1..],
+        ["0x00020000 . 10.0.0.1 . udp . 53"]
+    );
+    let elements = |rules: &[RulePolicy]| -> Elements {
+        let parsed: Vec<Rule> = rules
+            .iter()
+            .filter_map(|r| parse_rule(r).unwrap())
+            .collect();
+        let mut e = Elements::default();
+        add_elements("0x00000001", &parsed, &mut e);
+        e
+    };
+    let set = |v: &[&str]| -> BTreeSet<String> { v.iter().map(|x| x.to_string()).collect() };
+    let e = elements(&[
+        rule("udp", None, None, &["10.0.0.0/8"]),
+        rule("tcp", Some(0), Some(65535), &["0.0.0.0/0"]),
+        rule("tcp", None, Some(443), &["10.0.0.5/24"]),
+        // Covered ranges collapse (the kernel rejects overlapping elements); IPv6 peers go to the v6 sets.
+        rule(
+            "all",
+            None,
+            None,
+            &["10.1.2.3/32", "10.0.0.0/8", "172.16.0.0/12", "::/0"],
+        ),
+        rule("all", None, None, &["2001:db8::/32"]),
+        rule("tcp", Some(22), None, &[]),
+    ]);
+    assert_eq!(e.ports4, set(&["0x00000001 . 10.0.0.0/24 . tcp . 443"]));
+    assert_eq!(
+        e.proto4,
+        set(&[
+            "0x00000001 . 0.0.0.0/0 . tcp",
+            "0x00000001 . 10.0.0.0/8 . udp"
+        ])
     );
     assert_eq!(
-        block(&host, "chain sg_out_2"),
-        [
-            "# egress of [sg-ssh sg-web]",
-            "ip daddr 10.0.0.1 udp dport 53 return",
-            "meta nfproto ipv4 return",
-            "drop"
-        ]
+        e.all4,
+        set(&["0x00000001 . 10.0.0.0/8", "0x00000001 . 172.16.0.0/12"])
     );
-    let cases = [
-        (
-            rule("udp", None, None, &["10.0.0.0/8"]),
-            Some("ip saddr 10.0.0.0/8 meta l4proto udp return"),
-        ),
-        (
-            rule("tcp", Some(0), Some(65535), &["0.0.0.0/0"]),
-            Some("meta nfproto ipv4 meta l4proto tcp return"),
-        ),
-        (
-            rule("tcp", None, Some(443), &["10.0.0.5/24"]),
-            Some("ip saddr 10.0.0.0/24 tcp dport 443 return"),
-        ),
-        // Covered ranges collapse (nft rejects overlapping intervals); IPv6 peers get their own line.
-        (
-            rule(
-                "all",
-                None,
-                None,
-                &["10.1.2.3/32", "10.0.0.0/8", "172.16.0.0/12", "::/0"],
-            ),
-            Some("ip saddr { 10.0.0.0/8, 172.16.0.0/12 } return\nmeta nfproto ipv6 return"),
-        ),
-        (
-            rule("all", None, None, &["2001:db8::/32"]),
-            Some("ip6 saddr 2001:db8::/32 return"),
-        ),
-        (rule("tcp", Some(22), None, &[]), None),
-    ];
-    for (r, want) in cases {
-        let got = parse_rule(&r)
-            .unwrap()
-            .map(|x| rule_texts(&x, "saddr").join("\n"));
-        assert_eq!(got.as_deref(), want, "{r:?}");
-    }
+    assert_eq!(e.all6, set(&["0x00000001 . ::/0"]));
+    assert!(e.ports6.is_empty() && e.proto6.is_empty());
+    // Overlapping port ranges of different rules split into disjoint pieces, each with its widest peers.
+    let e = elements(&[
+        rule("tcp", Some(80), Some(90), &["10.0.0.0/24"]),
+        rule("tcp", Some(85), Some(95), &["10.0.0.0/16"]),
+        rule("tcp", Some(80), None, &["10.0.0.5"]),
+        rule("tcp", Some(80), None, &["10.0.0.5"]),
+    ]);
+    assert_eq!(
+        e.ports4,
+        set(&[
+            "0x00000001 . 10.0.0.0/24 . tcp . 80-84",
+            "0x00000001 . 10.0.0.0/16 . tcp . 85-95",
+        ])
+    );
 }
 
 #[test]
@@ -513,7 +551,23 @@ fn nft_accepts_rendered_rulesets() {
     let _guard = NsGuard(ns.clone());
     let dir = tempfile::tempdir().unwrap();
     let (host, routers) = render_sample();
-    let texts = [("host", host), ("router", routers[0].1.clone())];
+    // Rules whose elements would overlap (the kernel refuses that in one set) unless split.
+    let (nets, mut groups) = sample();
+    groups[0].ingress.extend([
+        rule("tcp", Some(85), Some(95), &["10.0.0.0/16", "::/0"]),
+        rule("tcp", Some(80), None, &["10.0.0.5", "fd00::/8"]),
+        rule("all", None, None, &["10.0.0.0/8", "10.1.0.0/16", "fd00::1"]),
+        rule("icmpv6", None, None, &["::/0", "fd00::/8"]),
+    ]);
+    groups[1]
+        .ingress
+        .push(rule("tcp", Some(20), Some(30), &["198.51.100.7"]));
+    let (overlap, _) = render_for_test(&nets, &groups, Some(&public())).unwrap();
+    let texts = [
+        ("host", host),
+        ("router", routers[0].1.clone()),
+        ("overlap", overlap),
+    ];
     for (what, text) in texts {
         let file = dir.path().join(what);
         std::fs::write(&file, &text).unwrap();

@@ -97,24 +97,40 @@ fn taps_of_dual_stack_networks_get_link_local_and_slaac_sources() {
 #[test]
 fn ipv6_rules_render_per_family() {
     let host = render_dual();
+    // One profile (1): tcp/80 from any IPv6, tcp/443 from both families, icmp IPv4 only, icmpv6
+    // from the prefix, everything from one peer of each family.
     assert_eq!(
-        block(&host, "chain sg_in_1"),
+        block(&host, "set in4")[1..],
+        ["0x00000001 . 0.0.0.0/0 . tcp . 443"]
+    );
+    assert_eq!(
+        block(&host, "set in6")[1..],
         [
-            "# ingress of [sg-v6]",
-            "meta nfproto ipv6 tcp dport 80 return",
-            "tcp dport 443 return",
-            // icmp is IPv4's: its ::/0 peer adds nothing; icmpv6 is IPv6's.
-            "meta l4proto icmp return",
-            "ip6 saddr fd60:1::/64 meta l4proto ipv6-icmp return",
-            "ip saddr 10.0.0.11 return",
-            "ip6 saddr fd60:1::ff:fe00:2 return",
-            "drop",
+            "0x00000001 . ::/0 . tcp . 443",
+            "0x00000001 . ::/0 . tcp . 80"
         ]
     );
     assert_eq!(
-        block(&host, "chain sg_out_1"),
-        ["# egress of [sg-v6]", "return", "drop"]
+        block(&host, "set in4_proto")[1..],
+        ["0x00000001 . 0.0.0.0/0 . icmp"]
     );
+    assert_eq!(
+        block(&host, "set in6_proto")[1..],
+        ["0x00000001 . fd60:1::/64 . ipv6-icmp"]
+    );
+    assert_eq!(block(&host, "set in4_all")[1..], ["0x00000001 . 10.0.0.11"]);
+    assert_eq!(
+        block(&host, "set in6_all")[1..],
+        ["0x00000001 . fd60:1::ff:fe00:2"]
+    );
+    assert_eq!(
+        block(&host, "set out4_all")[1..],
+        ["0x00010000 . 0.0.0.0/0"]
+    );
+    assert_eq!(block(&host, "set out6_all")[1..], ["0x00010000 . ::/0"]);
+    assert!(block(&host, "chain sg_in").contains(
+        &"meta mark & 0x0000ffff . ip6 saddr . meta l4proto . th dport @in6 return".to_string()
+    ));
     let vm_filter = block(&host, "chain vm_filter");
     let nd = vm_filter
         .iter()
