@@ -153,8 +153,9 @@ impl Agent {
         let Some(net) = &self.net else {
             return Ok(vec![]);
         };
-        let desired = self.host_desired().await;
+        // Held across computing and applying, so two renders never apply out of order.
         let mut last = self.tenant.last.lock().await;
+        let desired = self.host_desired().await;
         let changes = net.apply(&desired).await?;
         if last.as_ref() == Some(&desired) && !changes.is_empty() {
             tracing::warn!(repairs = ?changes, "repaired network drift");

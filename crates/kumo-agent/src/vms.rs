@@ -74,6 +74,11 @@ impl Agent {
         for (id, wake) in ids {
             self.spawn_worker(id, wake);
         }
+        // Running VMs keep their groups and elastic IPs only if the policy is known before the first
+        // render after a restart.
+        if let Err(e) = self.refresh_policy().await {
+            tracing::warn!(error = %chain(&e), "network policy not fetched at start-up");
+        }
         if let Err(e) = self.apply_network().await {
             tracing::warn!(error = %chain(&e), "network apply at start-up failed");
         }

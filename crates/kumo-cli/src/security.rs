@@ -119,6 +119,7 @@ pub enum Proto {
     Tcp,
     Udp,
     Icmp,
+    Icmpv6,
     All,
 }
 
@@ -322,6 +323,7 @@ impl SgCmd {
                     Proto::Tcp => "tcp",
                     Proto::Udp => "udp",
                     Proto::Icmp => "icmp",
+                    Proto::Icmpv6 => "icmpv6",
                     Proto::All => "all",
                 };
                 let r = client

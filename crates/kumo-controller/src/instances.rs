@@ -97,12 +97,13 @@ impl Controller {
             )
             .await?;
         // Network, security groups and key pair of the request, resolved within the project.
+        // The key first: the others may create the project's default network or group.
+        let key_name = self
+            .resolve_key_name(scope, req.key_name.as_deref())
+            .await?;
         let network = self.resolve_network(scope, req.network.as_deref()).await?;
         let security_group_ids = self
             .resolve_security_groups(scope, &req.security_groups)
-            .await?;
-        let key_name = self
-            .resolve_key_name(scope, req.key_name.as_deref())
             .await?;
         // The root disk is at least as large as the image.
         let image_gib = image.virtual_size.unwrap_or(0).div_ceil(1 << 30);

@@ -67,7 +67,6 @@ impl Controller {
             .into_iter()
             .filter(|r| r.state != InstanceState::Terminated)
             .collect();
-        let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
 
         // Networks and their other hosts' tunnel addresses.
         let net_ids: Vec<String> = rows
@@ -111,14 +110,10 @@ impl Controller {
         }
 
         // Security groups of the ports, their rules, and the members of groups the rules name.
-        let memberships = self.store.instance_group_ids(&ids).await?;
-        let mut port_groups: HashMap<String, Vec<String>> = HashMap::new();
-        for (inst, g) in &memberships {
-            port_groups.entry(inst.clone()).or_default().push(g.clone());
-        }
-        let group_ids: Vec<String> = memberships
+        // The rows carry their groups in order and their elastic IP.
+        let group_ids: Vec<String> = rows
             .iter()
-            .map(|(_, g)| g.clone())
+            .flat_map(|r| r.security_group_ids.iter().cloned())
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -164,12 +159,6 @@ impl Controller {
             .into_iter()
             .collect();
 
-        let public_ips: HashMap<String, String> = self
-            .store
-            .instance_public_ips(&ids)
-            .await?
-            .into_iter()
-            .collect();
         let public = self.store.address_pool().await?.map(|p| PublicNetwork {
             cidr: p.cidr,
             gateway: p.gateway,
@@ -179,8 +168,8 @@ impl Controller {
         let site = self.store.host(host_id).await?.site;
         let mut ports = Vec::with_capacity(rows.len());
         for r in &rows {
-            let groups = port_groups.remove(&r.id).unwrap_or_default();
-            let public_ip = public_ips.get(&r.id).cloned();
+            let groups = r.security_group_ids.clone();
+            let public_ip = r.public_ip.clone();
             let metadata = VmMetadata {
                 instance_id: r.id.clone(),
                 hostname: r.name.clone(),

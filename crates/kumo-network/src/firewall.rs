@@ -28,6 +28,8 @@
 //! drop, and nothing reachable on the router itself from `ext0` but replies.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use sha2::Digest;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::error::NetworkError;
@@ -484,10 +486,9 @@ pub(crate) fn render_host(nets: &[Network], groups: &[GroupPolicy]) -> String {
     replace_table(&mut out, "inet", "kumo");
     let bridges: Vec<String> = nets.iter().map(|n| q(&n.bridge)).collect();
     set_block(&mut out, "set", "bridges", "type ifname", &bridges);
-    let zones: Vec<String> = nets
-        .iter()
-        .enumerate()
-        .map(|(i, n)| format!("{} : {}", q(&n.bridge), i + 1))
+    let zones: Vec<String> = conntrack_zones(&nets)
+        .into_iter()
+        .map(|(bridge, z)| format!("{} : {z}", q(bridge)))
         .collect();
     set_block(&mut out, "map", "zone", "typeof iifname : ct zone", &zones);
     let mut services = Vec::new();
@@ -595,6 +596,23 @@ pub(crate) fn render_host(nets: &[Network], groups: &[GroupPolicy]) -> String {
     sg_chain(&mut out, "in", "0x0000ffff", "saddr");
     push(&mut out, 0, "}");
     out
+}
+
+/// A conntrack zone per bridge that does not move when other networks come or go (a moved zone
+/// would orphan the network's open connections): derived from the bridge name, the next free one on
+/// the rare collision.
+fn conntrack_zones<'a>(nets: &[&'a Network]) -> Vec<(&'a str, u16)> {
+    let mut used = std::collections::BTreeSet::new();
+    nets.iter()
+        .map(|n| {
+            let digest = sha2::Sha256::digest(n.bridge.as_bytes());
+            let mut z = 1 + u16::from_be_bytes([digest[0], digest[1]]) % 65534;
+            while !used.insert(z) {
+                z = z % 65534 + 1;
+            }
+            (n.bridge.as_str(), z)
+        })
+        .collect()
 }
 
 /// A network's router namespace ruleset (tables [`ROUTER_TABLES`]) as text for `nft -f`.

@@ -93,7 +93,8 @@ impl HostNetwork {
         if let Some(ns) = &netns {
             netns::check_name(ns)?;
         }
-        netns::check_name(&format!("{}x", opts.router_prefix))?;
+        // Router namespaces are the prefix and a 12-char key: the whole name must be valid.
+        netns::check_name(&format!("{}{}", opts.router_prefix, "x".repeat(12)))?;
         let ip = cmd::find_program("ip")?;
         let bridge_bin = cmd::find_program("bridge")?;
         let nft = firewall::Nft::new()?;
@@ -124,11 +125,7 @@ impl HostNetwork {
 
     /// The router namespace of a network (where its gateway, dnsmasq and metadata listener live).
     pub fn router_netns(&self, spec: &NetworkSpec) -> String {
-        format!(
-            "{}{}",
-            self.opts.router_prefix,
-            names::network_key(&spec.bridge)
-        )
+        self.router_of(&spec.bridge)
     }
 
     /// The pid file of a network's dnsmasq (for diagnostics and tests).
@@ -184,8 +181,17 @@ impl HostNetwork {
     /// longer wanted is removed; nothing else is touched. Returns the changes made, in words (empty when the
     /// host already matched).
     pub async fn apply(&self, d: &HostDesired) -> Result<Vec<String>, NetworkError> {
-        let desired = spec::validate(&d.networks)?;
         let public = self.opts.public_bridge.as_ref().and(d.public.as_ref());
+        let mut desired = spec::validate(&d.networks)?;
+        if public.is_none() {
+            // A host without a public bridge cannot carry elastic IPs; its other networking must not
+            // fail because of them.
+            for port in desired.iter_mut().flat_map(|n| n.ports.iter_mut()) {
+                if let Some(eip) = port.public_ip.take() {
+                    tracing::warn!(tap = %port.tap, %eip, "elastic IP ignored: this host has no public bridge (kumo agent --public-bridge)");
+                }
+            }
+        }
         firewall::check_policy(&desired, &d.groups, public)?;
         let _guard = self.lock.lock().await;
         let started = std::time::Instant::now();
@@ -201,7 +207,7 @@ impl HostNetwork {
         let owned = Ledger::load(&self.state_dir)?;
         let routers: std::collections::HashMap<String, String> = desired
             .iter()
-            .map(|n| (n.name.clone(), self.router_name(n)))
+            .map(|n| (n.name.clone(), self.router_of(&n.bridge)))
             .collect();
 
         // Record intent first: a crash half-way still leaves every created thing on the record.
@@ -275,7 +281,6 @@ impl HostNetwork {
                 );
             }
             let ns = &routers[&net.name];
-            let public = self.opts.public_bridge.as_ref().and(d.public.as_ref());
             repairs.extend(router::apply(&self.ip, ns, net, public).await?);
         }
 
@@ -313,8 +318,8 @@ impl HostNetwork {
         Ok(repairs)
     }
 
-    fn router_name(&self, net: &Network) -> String {
-        format!("{}{}", self.opts.router_prefix, net.key())
+    fn router_of(&self, bridge: &str) -> String {
+        format!("{}{}", self.opts.router_prefix, names::network_key(bridge))
     }
 
     /// Host-side devices of a network besides its bridge and taps.

@@ -213,6 +213,8 @@ fn valid_host_name(n: &str) -> bool {
         && n.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !n.starts_with('-')
+        // The outside namespace is named like a host called "outside".
+        && n != "outside"
 }
 
 impl Cluster {
@@ -230,7 +232,7 @@ impl Cluster {
         for (i, h) in spec.hosts.iter().enumerate() {
             if !valid_host_name(&h.name) {
                 return Err(ClusterError::Spec(format!(
-                    "host name {:?}: use 1-{MAX_HOST_NAME} of a-z, 0-9 and -",
+                    "host name {:?}: use 1-{MAX_HOST_NAME} of a-z, 0-9 and - (not \"outside\")",
                     h.name
                 )));
             }

@@ -13,7 +13,7 @@ fn names_fit_linux_interface_names() {
     assert_eq!(netns_name(7, "h2"), "kc7-h2");
     assert!(veth_name(255, 199).len() <= 15);
     assert!(valid_host_name("h1") && valid_host_name("host-2"));
-    for bad in ["", "-a", "H1", "a b", "a/b", &"x".repeat(33)] {
+    for bad in ["", "-a", "H1", "a b", "a/b", "outside", &"x".repeat(33)] {
         assert!(!valid_host_name(bad), "{bad:?}");
     }
 }

@@ -249,7 +249,9 @@ pub(super) fn describe_drift(recorded: &str, live: &str) -> (String, String) {
                                 (0, 0) => "lines reordered".to_string(),
                                 (a, 0) => format!("{} added", lines_word(a)),
                                 (0, r) => format!("{} removed", lines_word(r)),
-                                (a, r) => format!("{} added, {} removed", lines_word(a), r),
+                                (a, r) => {
+                                    format!("{} added, {} removed", lines_word(a), lines_word(r))
+                                }
                             };
                             parts.push(format!("{b}: {how}"));
                         }
