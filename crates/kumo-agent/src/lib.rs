@@ -145,6 +145,7 @@ pub async fn start(cfg: Config) -> Result<Arc<Agent>, AgentError> {
         .map_err(|e| AgentError::Controller(format!("building HTTP client: {e}")))?;
     let identity = heartbeat::identity(&cfg, &http, &address, &info).await?;
     let vms = vms::Vms::load(&cfg.data_dir)?;
+    let tenant = Arc::new(tenant::TenantState::load(&cfg.data_dir));
     let agent = Arc::new(Agent {
         cfg,
         hv,
@@ -155,7 +156,7 @@ pub async fn start(cfg: Config) -> Result<Arc<Agent>, AgentError> {
         vms,
         http,
         beat: tokio::sync::Notify::new(),
-        tenant: Default::default(),
+        tenant,
         image_locks: Default::default(),
     });
     agent.resume().await;

@@ -60,6 +60,24 @@ pub(crate) struct TenantState {
     pub unreported: StdMutex<Vec<String>>,
 }
 
+fn policy_path(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("network-policy.json")
+}
+
+impl TenantState {
+    /// The state at start-up, with the last policy fetched before a restart (if any).
+    pub(crate) fn load(data_dir: &std::path::Path) -> Self {
+        let policy = std::fs::read(policy_path(data_dir))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Self {
+            policy: StdMutex::new(policy),
+            ..Default::default()
+        }
+    }
+}
+
 /// Looks a VM up by its network and address for the metadata service.
 pub(crate) struct Lookup(pub Arc<TenantState>);
 
@@ -94,8 +112,22 @@ impl Agent {
             .json()
             .await
             .map_err(|e| AgentError::Controller(format!("network policy: {}", chain(&e))))?;
-        if let Ok(mut p) = self.tenant.policy.lock() {
-            *p = policy;
+        let changed = match self.tenant.policy.lock() {
+            Ok(mut p) if *p != policy => {
+                *p = policy.clone();
+                true
+            }
+            _ => false,
+        };
+        if changed {
+            // Kept for the next start: running VMs keep their groups and elastic IPs even if the
+            // controller cannot be reached then.
+            let path = policy_path(&self.cfg.data_dir);
+            let json = serde_json::to_vec(&policy)?;
+            let tmp = path.with_extension("json.tmp");
+            std::fs::write(&tmp, json)
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .map_err(|e| AgentError::io(format!("writing {}", path.display()), e))?;
         }
         Ok(())
     }
@@ -245,5 +277,40 @@ impl Agent {
             }
             tokio::time::sleep(self.cfg.network_interval).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_policy_survives_a_restart_and_garbage_is_ignored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = TenantState::load(dir.path());
+        assert_eq!(
+            *empty.policy.lock().expect("lock"),
+            NetworkPolicy::default()
+        );
+        let policy = NetworkPolicy {
+            public: Some(kumo_types::agent::PublicNetwork {
+                cidr: "203.0.113.0/24".into(),
+                gateway: "203.0.113.1".into(),
+            }),
+            ..Default::default()
+        };
+        std::fs::write(
+            policy_path(dir.path()),
+            serde_json::to_vec(&policy).expect("json"),
+        )
+        .expect("write");
+        let loaded = TenantState::load(dir.path());
+        assert_eq!(*loaded.policy.lock().expect("lock"), policy);
+        std::fs::write(policy_path(dir.path()), b"{not json").expect("write");
+        let broken = TenantState::load(dir.path());
+        assert_eq!(
+            *broken.policy.lock().expect("lock"),
+            NetworkPolicy::default()
+        );
     }
 }

@@ -30,8 +30,8 @@ impl Controller {
         }
     }
 
-    /// One pass; safe to run any number of times. Returns how many instances it pushed and
-    /// how many of those pushes succeeded.
+    /// One pass; safe to run any number of times. Returns how many instances it looked at and
+    /// how many it actually pushed (rows waiting for a host that is down are not progress).
     pub async fn reconcile_once(&self) -> Result<(usize, usize), OpError> {
         let cutoff = chrono::Utc::now()
             - chrono::Duration::from_std(self.cfg.heartbeat_timeout).unwrap_or_default();
@@ -50,12 +50,14 @@ impl Controller {
         let n = rows.len();
         let ok = futures::stream::iter(rows)
             .map(|row| async move {
-                let r = self.push(&row).await;
-                if let Err(e) = &r {
-                    tracing::debug!(instance = %row.id, error = %e, "push failed; will retry");
-                    let _ = self.store.record_push_error(&row.id, &e.to_string()).await;
+                match self.push(&row).await {
+                    Ok(pushed) => pushed,
+                    Err(e) => {
+                        tracing::debug!(instance = %row.id, error = %e, "push failed; will retry");
+                        let _ = self.store.record_push_error(&row.id, &e.to_string()).await;
+                        false
+                    }
                 }
-                r.is_ok()
             })
             .buffer_unordered(16)
             .filter(|pushed| futures::future::ready(*pushed))
@@ -64,13 +66,14 @@ impl Controller {
         Ok((n, ok))
     }
 
-    async fn push(&self, row: &InstanceRow) -> Result<(), OpError> {
+    /// Sends the row's desired state to its host; `false` when there is no host to send it to.
+    async fn push(&self, row: &InstanceRow) -> Result<bool, OpError> {
         let Some(host_id) = &row.host_id else {
-            return Ok(());
+            return Ok(false);
         };
         let host = self.store.host(host_id).await?;
         if host.state == "down" || host.state == "fenced" {
-            return Ok(());
+            return Ok(false);
         }
         if row.desired == "terminated" {
             self.agents().delete_vm(&host, &row.id).await?;
@@ -84,12 +87,12 @@ impl Controller {
                 )
                 .await;
             }
-            return Ok(());
+            return Ok(true);
         }
         let spec = self.desired_spec(row).await?;
         let observed = self.agents().put_vm(&host, &spec).await?;
         self.fold_observation(row, &observed).await?;
-        Ok(())
+        Ok(true)
     }
 
     pub async fn desired_spec(&self, row: &InstanceRow) -> Result<VmDesired, OpError> {
