@@ -1,5 +1,5 @@
-//! The host's image cache: each image once per host, verified by its checksum, shared by the
-//! copy-on-write root disks of every VM made from it.
+//! The image cache of the host's pool: each image once per pool, verified by its checksum,
+//! shared by the copy-on-write root disks of every VM made from it.
 
 use std::path::PathBuf;
 
@@ -11,7 +11,8 @@ use crate::{Agent, AgentError};
 
 impl Agent {
     pub(crate) async fn cached_image(&self, img: &ImageRef) -> Result<PathBuf, AgentError> {
-        let dir = self.cfg.data_dir.join("images");
+        // In the pool: on a shared pool every host sees the image its disks are based on.
+        let dir = self.pool.image_dir();
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
@@ -41,7 +42,8 @@ impl Agent {
             "{}/api/v1/agent/images/{}",
             self.identity.controller, img.id
         );
-        let tmp = path.with_extension("download");
+        // Per host: agents sharing a pool may download the same image at once.
+        let tmp = path.with_extension(format!("download-{}", self.identity.host_id));
         let fail = |reason: String| AgentError::Image {
             id: img.id.clone(),
             reason,

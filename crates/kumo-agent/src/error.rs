@@ -20,6 +20,11 @@ pub enum AgentError {
     Json(#[from] serde_json::Error),
     #[error("image {id}: {reason}")]
     Image { id: String, reason: String },
+    /// The disk or VM is in use in a way the request cannot work with.
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0} not found")]
+    NotFound(String),
 }
 
 impl AgentError {

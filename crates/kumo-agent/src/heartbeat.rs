@@ -59,15 +59,8 @@ pub(crate) async fn host_info(hv: &dyn Hypervisor) -> HostInfo {
         storage_pool: String::new(),
         disk_gib: 0,
         tunnel_ip: String::new(),
+        pool: None,
     }
-}
-
-/// Size of the filesystem holding `dir` (VM disks live there), GiB; 0 if it cannot be read.
-pub(crate) fn disk_gib(dir: &std::path::Path) -> u64 {
-    let _ = std::fs::create_dir_all(dir);
-    nix::sys::statvfs::statvfs(dir)
-        .map(|s| s.blocks().saturating_mul(s.fragment_size()) >> 30)
-        .unwrap_or(0)
 }
 
 /// This agent's identity: from its ledger, or by registering with the join token.
@@ -144,10 +137,17 @@ impl Agent {
     }
 
     pub async fn heartbeat_once(&self) -> Result<(), AgentError> {
+        let mut info = self.info.clone();
+        if let Some(p) = self.pool_report().await {
+            if self.hv.name() == "qemu" {
+                info.disk_gib = p.total_bytes >> 30;
+            }
+            info.pool = Some(p);
+        }
         let hb = Heartbeat {
             host_id: self.identity.host_id.clone(),
             address: self.address.clone(),
-            info: self.info.clone(),
+            info,
             vms: self.observe_all().await,
             repairs: self.take_repairs(),
         };

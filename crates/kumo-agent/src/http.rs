@@ -7,12 +7,17 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use futures::{SinkExt, StreamExt};
 use kumo_types::agent::{ConsoleTail, VmDesired, VmObserved};
+use kumo_types::storage::{
+    AgentJob, CreateDisk, DiskReport, JobRequest, ResizeVolume, SnapshotTaken, TakeSnapshot,
+};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use kumo_storage::StorageError;
 
 use crate::error::chain;
 use crate::{Agent, AgentError};
@@ -29,7 +34,20 @@ impl IntoResponse for HttpError {
 
 impl From<AgentError> for HttpError {
     fn from(e: AgentError) -> Self {
-        HttpError(StatusCode::INTERNAL_SERVER_ERROR, chain(&e))
+        // Storage refusals of bad input are the caller's (400/409/507), not the agent's.
+        let status = match &e {
+            AgentError::Storage(StorageError::NoSpace(_)) => StatusCode::INSUFFICIENT_STORAGE,
+            AgentError::Storage(StorageError::NotFound(_)) => StatusCode::NOT_FOUND,
+            AgentError::Storage(StorageError::Busy(_) | StorageError::Conflict(_)) => {
+                StatusCode::CONFLICT
+            }
+            AgentError::Storage(s) if s.is_client_error() => StatusCode::BAD_REQUEST,
+            AgentError::Busy(_) => StatusCode::CONFLICT,
+            AgentError::NotFound(_) => StatusCode::NOT_FOUND,
+            AgentError::Config(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        HttpError(status, chain(&e))
     }
 }
 
@@ -40,6 +58,12 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/agent/v1/vms/{id}/console", get(console))
         .route("/agent/v1/vms/{id}/serial", get(serial))
         .route("/agent/v1/vms/{id}/tcp/{port}", get(tcp))
+        .route("/agent/v1/disks/{id}", put(create_disk).delete(delete_disk))
+        .route("/agent/v1/disks/{id}/grow", post(grow_disk))
+        .route("/agent/v1/snapshots", post(take_snapshot))
+        .route("/agent/v1/snapshots/{id}", delete(delete_snapshot))
+        .route("/agent/v1/jobs", post(start_job))
+        .route("/agent/v1/jobs/{id}", get(job).delete(cancel_job))
         .route_layer(axum::middleware::from_fn_with_state(agent.clone(), auth))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(agent)
@@ -62,6 +86,73 @@ async fn auth(State(a): A, req: Request, next: Next) -> Response {
         return HttpError(StatusCode::UNAUTHORIZED, "wrong host credential".into()).into_response();
     }
     next.run(req).await
+}
+
+fn check_disk_id(id: &str) -> Result<(), HttpError> {
+    kumo_hypervisor::validate_id(id).map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+async fn create_disk(
+    State(a): A,
+    Path(id): Path<String>,
+    Json(req): Json<CreateDisk>,
+) -> Result<Json<DiskReport>, HttpError> {
+    check_disk_id(&id)?;
+    Ok(Json(a.create_disk(&id, &req).await?))
+}
+
+async fn delete_disk(State(a): A, Path(id): Path<String>) -> Result<StatusCode, HttpError> {
+    check_disk_id(&id)?;
+    a.delete_disk(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn grow_disk(
+    State(a): A,
+    Path(id): Path<String>,
+    Json(req): Json<ResizeVolume>,
+) -> Result<Json<DiskReport>, HttpError> {
+    check_disk_id(&id)?;
+    Ok(Json(a.grow_disk(&id, req.size_bytes).await?))
+}
+
+async fn take_snapshot(
+    State(a): A,
+    Json(req): Json<TakeSnapshot>,
+) -> Result<Json<SnapshotTaken>, HttpError> {
+    check_disk_id(&req.snapshot_id)?;
+    check_disk_id(&req.disk)?;
+    Ok(Json(a.take_snapshot(&req).await?))
+}
+
+async fn delete_snapshot(State(a): A, Path(id): Path<String>) -> Result<StatusCode, HttpError> {
+    check_disk_id(&id)?;
+    a.delete_snapshot(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn start_job(
+    State(a): A,
+    Json(req): Json<JobRequest>,
+) -> Result<(StatusCode, Json<AgentJob>), HttpError> {
+    Ok((StatusCode::ACCEPTED, Json(a.start_job(req).await?)))
+}
+
+async fn job(State(a): A, Path(id): Path<String>) -> Result<Json<AgentJob>, HttpError> {
+    a.job(&id)
+        .map(Json)
+        .ok_or_else(|| HttpError(StatusCode::NOT_FOUND, format!("no job {id}")))
+}
+
+async fn cancel_job(State(a): A, Path(id): Path<String>) -> Result<StatusCode, HttpError> {
+    if a.cancel_job(&id) {
+        Ok(StatusCode::ACCEPTED)
+    } else {
+        Err(HttpError(
+            StatusCode::NOT_FOUND,
+            format!("no running job {id}"),
+        ))
+    }
 }
 
 async fn list(State(a): A) -> Json<Vec<VmObserved>> {

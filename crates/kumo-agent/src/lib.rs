@@ -9,8 +9,10 @@ mod heartbeat;
 mod http;
 mod ledger;
 pub mod metadata;
+mod storage;
 mod tenant;
 mod vms;
+mod volumes;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -45,8 +47,8 @@ pub struct Config {
     pub capacity: Option<(u32, u64)>,
     /// Operator labels for placement policies (`role=core`, `role=spare` ...).
     pub labels: std::collections::BTreeMap<String, String>,
-    /// The storage pool of this host's VM disks (empty: the host's own local pool).
-    pub storage_pool: String,
+    /// The storage pool of this host's VM disks and volumes.
+    pub pool: kumo_storage::pool::PoolConfig,
     /// How often the network policy is fetched and the host's networks re-rendered (drift repair).
     pub network_interval: Duration,
     /// Prefix of router namespace names (unique per machine; default from `vm_netns` or "kumo-").
@@ -70,6 +72,8 @@ pub struct Agent {
     http: reqwest::Client,
     beat: tokio::sync::Notify,
     tenant: Arc<tenant::TenantState>,
+    pool: kumo_storage::pool::Pool,
+    jobs: storage::Jobs,
     /// One lock per image id: VMs starting together fetch a shared image once.
     image_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -128,11 +132,24 @@ pub async fn start(cfg: Config) -> Result<Arc<Agent>, AgentError> {
     };
     let mut info = heartbeat::host_info(hv.as_ref()).await;
     info.labels = cfg.labels.clone();
-    info.storage_pool = cfg.storage_pool.clone();
+    let pool = kumo_storage::pool::Pool::open(cfg.pool.clone())?;
+    // Hosts naming one shared pool share it (placement and spread groups compare this name).
+    info.storage_pool = if cfg.pool.kind == kumo_storage::pool::PoolKind::Shared {
+        cfg.pool.name.clone()
+    } else {
+        String::new()
+    };
     info.tunnel_ip = cfg.tunnel_ip.map(|t| t.to_string()).unwrap_or_default();
     // Simulated VMs take no disk: a sim host leaves disk unchecked (0).
+    let capacity = pool.capacity().await?;
+    info.pool = Some(kumo_types::storage::PoolReport {
+        name: cfg.pool.name.clone(),
+        kind: cfg.pool.kind.to_string(),
+        total_bytes: capacity.total_bytes,
+        free_bytes: capacity.free_bytes,
+    });
     if cfg.hypervisor == "qemu" {
-        info.disk_gib = heartbeat::disk_gib(&cfg.data_dir);
+        info.disk_gib = capacity.total_bytes >> 30;
     }
     if let Some((vcpus, memory_mib)) = cfg.capacity {
         info.vcpus = vcpus;
@@ -157,6 +174,8 @@ pub async fn start(cfg: Config) -> Result<Arc<Agent>, AgentError> {
         http,
         beat: tokio::sync::Notify::new(),
         tenant,
+        pool,
+        jobs: Default::default(),
         image_locks: Default::default(),
     });
     agent.resume().await;

@@ -25,6 +25,8 @@ pub struct VmEntry {
     pub wake: Arc<Notify>,
     /// Held while converging or deleting, so a delete never races a start.
     pub op: Arc<Mutex<()>>,
+    /// Volumes plugged into the running VM, as of the last look (heartbeats report this).
+    pub attached: Vec<String>,
 }
 
 #[derive(Default)]
@@ -44,6 +46,7 @@ impl Vms {
                     converging,
                     wake: Arc::new(Notify::new()),
                     op: Arc::default(),
+                    attached: vec![],
                 },
             );
         }
@@ -118,6 +121,7 @@ impl Agent {
                             converging: true,
                             wake: wake.clone(),
                             op: Arc::default(),
+                            attached: vec![],
                         },
                     );
                     new_vm = Some(wake);
@@ -134,10 +138,10 @@ impl Agent {
 
     /// What the agent observes of one VM.
     pub async fn observe(&self, id: &str) -> Option<VmObserved> {
-        let (rec, converging) = {
+        let (rec, converging, attached) = {
             let map = self.vms.map.lock().await;
             let e = map.get(id)?;
-            (e.rec.clone(), e.converging)
+            (e.rec.clone(), e.converging, e.attached.clone())
         };
         // The driver serialises calls per VM, so a state query waits behind a launch or a stop
         // in progress; never let a heartbeat wait for that: the transition is the answer.
@@ -163,7 +167,10 @@ impl Agent {
             generation: rec.desired.generation,
             power,
             reboot_seq: rec.applied_reboot_seq,
+            // A running VM's error is about its volumes (a failed VM is not running).
+            volume_error: if is_on { rec.error.clone() } else { None },
             error: rec.error,
+            volumes: if is_on { attached } else { vec![] },
         })
     }
 
@@ -240,6 +247,10 @@ impl Agent {
                 } else if d.reboot_seq > rec.applied_reboot_seq {
                     self.hv.reboot(&d.id).await?;
                 }
+                if running {
+                    self.sync_volumes(d).await?;
+                }
+                self.note_attached(&d.id).await;
             }
             DesiredPower::Stopped => {
                 self.hv.stop(&d.id, self.cfg.stop_timeout).await?;
@@ -264,15 +275,16 @@ impl Agent {
                 smbios_serial: None,
             });
         }
-        let dir = self.vm_dir(&d.id);
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
-        let base = self.cached_image(&d.image).await?;
-        let root = dir.join("root.qcow2");
-        if tokio::fs::metadata(&root).await.is_err() {
-            let size = d.disk_gib.saturating_mul(1 << 30).max(d.image.size);
-            kumo_storage::create_overlay(&base, &root, Some(size)).await?;
+        let root = self.root_disk(d).await?;
+        let mut disks = vec![DiskSpec {
+            path: root.path.clone(),
+            format: root.format.clone(),
+            serial: Some(d.id.clone()),
+            read_only: false,
+            device_id: None,
+        }];
+        for v in &d.volumes {
+            disks.push(self.volume_disk(v).await?);
         }
         let kernel = match &d.kernel {
             Some(k) => Some(self.cached_image(k).await?),
@@ -295,12 +307,7 @@ impl Agent {
             id: d.id.clone(),
             vcpus: d.vcpus,
             memory_mib: d.memory_mib,
-            disks: vec![DiskSpec {
-                path: root,
-                format: "qcow2".into(),
-                serial: Some(d.id.clone()),
-                read_only: false,
-            }],
+            disks,
             nics: vec![NicSpec {
                 mac: d.nic.mac.clone(),
                 tap: kumo_network::tap_name(&d.id),
@@ -322,6 +329,10 @@ impl Agent {
         };
         self.hv.kill(id).await?;
         self.hv.cleanup(id).await?;
+        // Its layers stay while snapshots of it need them (the pool collects the rest).
+        if self.hv.name() != "sim" {
+            self.pool.delete_disk(id).await?;
+        }
         let dir = self.vm_dir(id);
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => {}

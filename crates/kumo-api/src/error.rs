@@ -66,6 +66,7 @@ impl From<OpError> for ApiError {
             OpError::Invalid(_) => StatusCode::BAD_REQUEST,
             OpError::IncorrectState(_) | OpError::Conflict(_) => StatusCode::CONFLICT,
             OpError::NoCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
+            OpError::NoStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             OpError::Unavailable(_) => StatusCode::BAD_GATEWAY,
             OpError::Store(_) | OpError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

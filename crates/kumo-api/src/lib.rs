@@ -11,6 +11,7 @@ mod misc;
 mod networks;
 mod placement;
 mod security;
+mod storage;
 mod streams;
 
 use axum::routing::{delete, get, post, put};
@@ -37,13 +38,20 @@ pub struct AppState {
         security::set_instance_groups, security::list_keys, security::create_key, security::show_key, security::delete_key,
         networks::list_networks, networks::create_network, networks::show_network, networks::delete_network,
         networks::show_pool, networks::set_pool, networks::list_addresses, networks::allocate, networks::release, networks::associate, networks::disassociate,
+        storage::list_pools, storage::show_pool, storage::update_pool, storage::list_volumes, storage::create_volume, storage::show_volume,
+        storage::delete_volume, storage::attach_volume, storage::detach_volume, storage::resize_volume, storage::copy_volume,
+        storage::list_snapshots, storage::create_snapshot, storage::show_snapshot, storage::delete_snapshot, storage::clone_instance,
     ),
     components(schemas(images::ImageWithOperation,
         kumo_types::security::SecurityGroup, kumo_types::security::SecurityGroupRule, kumo_types::security::CreateSecurityGroup,
         kumo_types::security::CreateSecurityGroupRule, kumo_types::security::SetSecurityGroups, kumo_types::security::KeyPair, kumo_types::security::CreateKeyPair,
         kumo_types::networks::Network, kumo_types::networks::CreateNetwork, kumo_types::networks::AddressPool,
-        kumo_types::networks::SetAddressPool, kumo_types::networks::Address, kumo_types::networks::AssociateAddress)),
-    tags((name = "instances"), (name = "images"), (name = "hosts"), (name = "placement-groups"), (name = "security-groups"), (name = "key-pairs"), (name = "networks"), (name = "addresses"), (name = "operations"), (name = "events"), (name = "auth"))
+        kumo_types::networks::SetAddressPool, kumo_types::networks::Address, kumo_types::networks::AssociateAddress,
+        storage::VolumeWithOperation, kumo_types::storage::StoragePool, kumo_types::storage::PoolHost, kumo_types::storage::UpdateStoragePool,
+        kumo_types::storage::Volume, kumo_types::storage::CreateVolume, kumo_types::storage::AttachVolume, kumo_types::storage::ResizeVolume,
+        kumo_types::storage::CopyVolume, kumo_types::storage::Snapshot, kumo_types::storage::CreateSnapshot, kumo_types::storage::CloneInstance,
+        kumo_types::storage::CloneResult)),
+    tags((name = "instances"), (name = "images"), (name = "hosts"), (name = "placement-groups"), (name = "security-groups"), (name = "key-pairs"), (name = "networks"), (name = "addresses"), (name = "storage"), (name = "operations"), (name = "events"), (name = "auth"))
 )]
 pub struct ApiDoc;
 
@@ -166,6 +174,35 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/key-pairs/{name}",
             get(security::show_key).delete(security::delete_key),
+        )
+        .route("/api/v1/storage-pools", get(storage::list_pools))
+        .route(
+            "/api/v1/storage-pools/{name}",
+            get(storage::show_pool).patch(storage::update_pool),
+        )
+        .route(
+            "/api/v1/volumes",
+            get(storage::list_volumes).post(storage::create_volume),
+        )
+        .route(
+            "/api/v1/volumes/{id}",
+            get(storage::show_volume).delete(storage::delete_volume),
+        )
+        .route("/api/v1/volumes/{id}/attach", post(storage::attach_volume))
+        .route("/api/v1/volumes/{id}/detach", post(storage::detach_volume))
+        .route("/api/v1/volumes/{id}/resize", post(storage::resize_volume))
+        .route("/api/v1/volumes/{id}/copy", post(storage::copy_volume))
+        .route(
+            "/api/v1/snapshots",
+            get(storage::list_snapshots).post(storage::create_snapshot),
+        )
+        .route(
+            "/api/v1/snapshots/{id}",
+            get(storage::show_snapshot).delete(storage::delete_snapshot),
+        )
+        .route(
+            "/api/v1/instances/{id}/clone",
+            post(storage::clone_instance),
         )
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/agent/register", post(agent::register))

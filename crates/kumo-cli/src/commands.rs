@@ -28,8 +28,11 @@ pub enum VmCmd {
         #[arg(long)]
         name: String,
         /// Image name or id.
-        #[arg(long, default_value = "demo")]
+        #[arg(long, default_value = "demo", conflicts_with = "snapshot")]
         image: String,
+        /// Boot a snapshot of an instance instead (next to the original; see `kumo snapshot`).
+        #[arg(long)]
+        snapshot: Option<String>,
         /// Instance type (see `kumo vm types`).
         #[arg(long = "type", default_value = "t1.small")]
         instance_type: String,
@@ -88,6 +91,11 @@ pub enum VmCmd {
     /// Terminate: removes the instance and everything it had on its host.
     #[command(alias = "terminate", alias = "rm")]
     Delete(Action),
+    /// Hot clone: a copy of a running instance, which keeps running.
+    ///
+    /// A live snapshot of its root disk boots as a new instance with its own identity (id, MAC,
+    /// addresses); its I/O pauses for milliseconds.
+    Clone(crate::storage::CloneArgs),
     /// Change the instance type (only while stopped).
     Resize {
         id: String,
@@ -378,6 +386,7 @@ impl VmCmd {
             VmCmd::Create {
                 name,
                 image,
+                snapshot,
                 instance_type,
                 site,
                 constraints,
@@ -400,7 +409,12 @@ impl VmCmd {
                     };
                 let req = CreateInstance {
                     name,
-                    image,
+                    image: if snapshot.is_some() {
+                        String::new()
+                    } else {
+                        image
+                    },
+                    snapshot,
                     instance_type: Some(instance_type),
                     site,
                     constraints,
@@ -483,6 +497,7 @@ impl VmCmd {
                 };
                 println!("{} is {}", i.id, i.state);
             }
+            VmCmd::Clone(a) => a.run(client).await?,
             VmCmd::Resize { id, instance_type } => {
                 let i = client.resize(&id, &instance_type).await?;
                 println!(

@@ -7,6 +7,7 @@ mod config;
 mod groups;
 mod networks;
 mod security;
+mod storage;
 mod streams;
 
 pub use client::{Client, ImageWithOperation};
@@ -15,6 +16,10 @@ pub use config::{config_path, ClientConfig};
 pub use groups::PlacementGroupCmd;
 pub use networks::{AddressCmd, AddressPoolCmd, NetworkCmd};
 pub use security::{KeyCmd, KeyType, Proto, SgCmd};
+pub use storage::{
+    human_size, parse_size, CloneArgs, PoolCmd, RatioError, SizeError, SnapshotCmd, VolumeCmd,
+    VolumeWithOperation,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

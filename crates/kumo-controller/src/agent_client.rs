@@ -4,6 +4,9 @@ use std::time::Duration;
 
 use kumo_store::HostRow;
 use kumo_types::agent::{ConsoleTail, VmDesired, VmObserved};
+use kumo_types::storage::{
+    AgentJob, CreateDisk, DiskReport, JobRequest, ResizeVolume, SnapshotTaken, TakeSnapshot,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -106,6 +109,137 @@ impl AgentClient {
             .await
             .map_err(|source| AgentError::Unreachable { url, source })?;
         Ok(tail.output)
+    }
+}
+
+/// Storage calls (see kumo_agent's storage module).
+impl AgentClient {
+    async fn send_json<B: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        host: &HostRow,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<R, AgentError> {
+        let url = format!("{}{path}", host.address);
+        let mut req = self
+            .http
+            .request(method, &url)
+            .bearer_auth(credential(host))
+            .timeout(timeout);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = Self::check(&url, req.send().await).await?;
+        resp.json()
+            .await
+            .map_err(|source| AgentError::Unreachable { url, source })
+    }
+
+    async fn delete_path(&self, host: &HostRow, path: &str) -> Result<(), AgentError> {
+        let url = format!("{}{path}", host.address);
+        let resp = self
+            .http
+            .delete(&url)
+            .bearer_auth(credential(host))
+            .send()
+            .await;
+        Self::check(&url, resp).await.map(|_| ())
+    }
+
+    /// Make a disk in the host's pool (blank or copy-on-write on a snapshot: quick).
+    pub async fn create_disk(
+        &self,
+        host: &HostRow,
+        id: &str,
+        req: &CreateDisk,
+    ) -> Result<DiskReport, AgentError> {
+        let path = format!("/agent/v1/disks/{id}");
+        self.send_json(
+            reqwest::Method::PUT,
+            host,
+            &path,
+            Some(req),
+            Duration::from_secs(120),
+        )
+        .await
+    }
+
+    pub async fn delete_disk(&self, host: &HostRow, id: &str) -> Result<(), AgentError> {
+        self.delete_path(host, &format!("/agent/v1/disks/{id}"))
+            .await
+    }
+
+    /// Grow a disk no VM is using.
+    pub async fn grow_disk(
+        &self,
+        host: &HostRow,
+        id: &str,
+        size_bytes: u64,
+    ) -> Result<DiskReport, AgentError> {
+        let path = format!("/agent/v1/disks/{id}/grow");
+        let body = ResizeVolume { size_bytes };
+        self.send_json(
+            reqwest::Method::POST,
+            host,
+            &path,
+            Some(&body),
+            Duration::from_secs(120),
+        )
+        .await
+    }
+
+    pub async fn take_snapshot(
+        &self,
+        host: &HostRow,
+        req: &TakeSnapshot,
+    ) -> Result<SnapshotTaken, AgentError> {
+        self.send_json(
+            reqwest::Method::POST,
+            host,
+            "/agent/v1/snapshots",
+            Some(req),
+            Duration::from_secs(120),
+        )
+        .await
+    }
+
+    pub async fn delete_snapshot(&self, host: &HostRow, id: &str) -> Result<(), AgentError> {
+        self.delete_path(host, &format!("/agent/v1/snapshots/{id}"))
+            .await
+    }
+
+    /// Start a long job (copy, backup, export, import); poll it with `job`.
+    pub async fn start_job(
+        &self,
+        host: &HostRow,
+        req: &JobRequest,
+    ) -> Result<AgentJob, AgentError> {
+        self.send_json(
+            reqwest::Method::POST,
+            host,
+            "/agent/v1/jobs",
+            Some(req),
+            Duration::from_secs(60),
+        )
+        .await
+    }
+
+    pub async fn job(&self, host: &HostRow, id: &str) -> Result<AgentJob, AgentError> {
+        self.send_json::<(), _>(
+            reqwest::Method::GET,
+            host,
+            &format!("/agent/v1/jobs/{id}"),
+            None,
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    /// Whether the agent reports a missing resource (404), as opposed to failing.
+    pub fn is_not_found(e: &AgentError) -> bool {
+        matches!(e, AgentError::Status { status: 404, .. })
     }
 }
 

@@ -14,6 +14,9 @@ pub enum OpError {
     Conflict(String),
     #[error("no host can take this instance: {0}")]
     NoCapacity(String),
+    /// A storage pool has no room.
+    #[error("{0}")]
+    NoStorage(String),
     #[error("host agent unavailable: {0}")]
     Unavailable(String),
     #[error("store error")]
@@ -29,6 +32,7 @@ impl From<StoreError> for OpError {
             StoreError::Invalid(m) => OpError::Invalid(m),
             StoreError::Conflict(m) => OpError::Conflict(m),
             StoreError::NoCapacity(m) => OpError::NoCapacity(m),
+            StoreError::NoStorage(m) => OpError::NoStorage(m),
             other => OpError::Store(other),
         }
     }
@@ -43,6 +47,7 @@ impl OpError {
             OpError::IncorrectState(_) => "IncorrectState",
             OpError::Conflict(_) => "Conflict",
             OpError::NoCapacity(_) => "InsufficientCapacity",
+            OpError::NoStorage(_) => "InsufficientStorage",
             OpError::Unavailable(_) => "HostUnavailable",
             OpError::Store(_) | OpError::Internal(_) => "InternalError",
         }

@@ -122,6 +122,28 @@ impl Controller {
             power: vm.power,
             error: vm.error.clone(),
         };
+        if vm.generation >= row.generation {
+            let running = vm.power == kumo_types::agent::ObservedPower::Running;
+            for v in self
+                .store
+                .observe_volumes(&row.id, &vm.volumes, running)
+                .await?
+            {
+                let action = if v.attach_state.as_deref() == Some("attaching") {
+                    "volume.attached"
+                } else {
+                    "volume.detached"
+                };
+                self.system_event(
+                    Some(&row.project_id),
+                    action,
+                    &v.id,
+                    "ok",
+                    Some(row.id.clone()),
+                )
+                .await;
+            }
+        }
         if let Some(state) = self.store.apply_observation(row, &obs).await? {
             self.system_event(
                 Some(&row.project_id),

@@ -54,17 +54,24 @@ impl Controller {
                 "count must be 1 to {MAX_BATCH} and min_count 1 to count (got count {count}, min_count {min})"
             )));
         }
-        let image = self
-            .store
-            .image(scope, &req.image)
-            .await
-            .map_err(|e| match e {
-                kumo_store::StoreError::NotFound { .. } => OpError::Invalid(format!(
-                    "image {:?} does not exist; see `kumo image list`",
-                    req.image
-                )),
-                other => other.into(),
-            })?;
+        let snapshot = match &req.snapshot {
+            Some(id) => Some(self.bootable_snapshot(scope, id, &req.image).await?),
+            None => None,
+        };
+        let image = match &snapshot {
+            Some(snap) => Ok(self
+                .store
+                .image_unscoped(snap.image_id.as_deref().unwrap_or_default())
+                .await?),
+            None => self.store.image(scope, &req.image).await,
+        }
+        .map_err(|e| match e {
+            kumo_store::StoreError::NotFound { .. } => OpError::Invalid(format!(
+                "image {:?} does not exist; see `kumo image list`",
+                req.image
+            )),
+            other => other.into(),
+        })?;
         if req
             .user_data
             .as_ref()
@@ -105,11 +112,20 @@ impl Controller {
         let security_group_ids = self
             .resolve_security_groups(scope, &req.security_groups)
             .await?;
-        // The root disk is at least as large as the image.
+        // The root disk is at least as large as the image; a snapshot's disk has its own size
+        // and lives in one pool, which the instance must be placed in.
         let image_gib = image.virtual_size.unwrap_or(0).div_ceil(1 << 30);
-        let disk_gib = itype.disk_gib.max(image_gib);
+        let disk_gib = match &snapshot {
+            Some(snap) => snap.size_bytes.div_ceil(kumo_store::GIB),
+            None => itype.disk_gib.max(image_gib),
+        };
+        let pool_key = snapshot.as_ref().map(|s| match &s.host_id {
+            Some(h) => format!("local:{h}"),
+            None => s.pool.clone(),
+        });
         let request = Request {
             disk_gib,
+            pool_key,
             ..request
         };
         let news: Vec<NewInstance> = (0..count)
@@ -132,6 +148,7 @@ impl Controller {
                     constraints: req.constraints.clone(),
                     security_group_ids: security_group_ids.clone(),
                     key_name: key_name.clone(),
+                    root_snapshot_id: snapshot.as_ref().map(|s| s.id.clone()),
                 }
             })
             .collect();

@@ -12,6 +12,7 @@ mod networks;
 mod placement;
 mod reconcile;
 mod security;
+mod storage;
 
 use std::path::PathBuf;
 use std::sync::Arc;

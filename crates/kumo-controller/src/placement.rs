@@ -82,6 +82,7 @@ impl Controller {
             constraints,
             allow_spare: false,
             group: None,
+            pool_key: None,
         };
         Ok((req, t, group))
     }

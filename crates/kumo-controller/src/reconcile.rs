@@ -6,6 +6,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use kumo_store::InstanceRow;
 use kumo_types::agent::{DesiredPower, ImageRef, NetworkDesired, NicDesired, VmDesired};
+use kumo_types::storage::VolumeDesired;
 
 use crate::{Controller, OpError};
 
@@ -112,6 +113,16 @@ impl Controller {
             None => None,
         };
         let network = self.store.network(&row.network_id).await?;
+        let volumes = self
+            .store
+            .instance_volumes(&row.id)
+            .await?
+            .into_iter()
+            .map(|v| VolumeDesired {
+                id: v.id,
+                size_bytes: v.size_bytes,
+            })
+            .collect();
         Ok(VmDesired {
             id: row.id.clone(),
             name: row.name.clone(),
@@ -139,6 +150,8 @@ impl Controller {
                     gateway: network.gateway,
                 },
             },
+            root_snapshot: row.root_snapshot_id.clone(),
+            volumes,
         })
     }
 }

@@ -100,6 +100,20 @@ pub enum Ec2Error {
     #[error("{0}")]
     SubnetNotFound(String),
     #[error("{0}")]
+    VolumeNotFound(String),
+    #[error("{0}")]
+    SnapshotNotFound(String),
+    #[error("{0}")]
+    VolumeInUse(String),
+    #[error("{0}")]
+    IncorrectState(String),
+    #[error("{0}")]
+    VolumeZoneMismatch(String),
+    #[error("{0}")]
+    SnapshotInUse(String),
+    #[error("{0}")]
+    InsufficientVolumeCapacity(String),
+    #[error("{0}")]
     Unavailable(String),
     #[error("An internal error has occurred")]
     Internal(String),
@@ -154,6 +168,13 @@ impl Ec2Error {
             VpcNotFound(_) => "InvalidVpcID.NotFound",
             VpcRange(_) => "InvalidVpc.Range",
             SubnetNotFound(_) => "InvalidSubnetID.NotFound",
+            VolumeNotFound(_) => "InvalidVolume.NotFound",
+            SnapshotNotFound(_) => "InvalidSnapshot.NotFound",
+            VolumeInUse(_) => "VolumeInUse",
+            IncorrectState(_) => "IncorrectState",
+            VolumeZoneMismatch(_) => "InvalidVolume.ZoneMismatch",
+            SnapshotInUse(_) => "InvalidSnapshot.InUse",
+            InsufficientVolumeCapacity(_) => "InsufficientVolumeCapacity",
             Unavailable(_) => "Unavailable",
             Internal(_) => "InternalError",
         }
@@ -167,7 +188,9 @@ impl Ec2Error {
             UnauthorizedOperation(_) => StatusCode::FORBIDDEN,
             DryRunOperation => StatusCode::PRECONDITION_FAILED,
             // EC2 lists InsufficientInstanceCapacity among its server errors (500).
-            InsufficientInstanceCapacity(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            InsufficientInstanceCapacity(_) | InsufficientVolumeCapacity(_) | Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_REQUEST,
         }
@@ -198,6 +221,7 @@ impl Ec2Error {
             OpError::NoCapacity(m) => Ec2Error::InsufficientInstanceCapacity(format!(
                 "There is not enough capacity to fulfill your request: {m}"
             )),
+            OpError::NoStorage(m) => Ec2Error::InsufficientVolumeCapacity(m),
             OpError::Unavailable(m) => Ec2Error::Unavailable(m),
             OpError::Store(e) => Ec2Error::Internal(format!("{e:?}")),
             OpError::Internal(m) => Ec2Error::Internal(m),
@@ -218,6 +242,8 @@ pub fn not_found(kind: &str, id: &str) -> Ec2Error {
         "key pair" => Ec2Error::KeyPairNotFound(format!("The key pair '{id}' does not exist")),
         "network" => Ec2Error::VpcNotFound(format!("The vpc ID '{id}' does not exist")),
         "address" => Ec2Error::AddressNotFound(format!("Address '{id}' not found.")),
+        "volume" => Ec2Error::VolumeNotFound(format!("The volume '{id}' does not exist.")),
+        "snapshot" => Ec2Error::SnapshotNotFound(format!("The snapshot '{id}' does not exist.")),
         other => Ec2Error::InvalidParameterValue(format!("{other} {id} not found")),
     }
 }

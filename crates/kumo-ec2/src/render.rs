@@ -249,6 +249,7 @@ mod tests {
             constraints: vec![],
             public_ip: None,
             ipv6: None,
+            root_snapshot_id: None,
             security_group_ids: vec![],
             key_name: None,
         }

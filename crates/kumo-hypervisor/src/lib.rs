@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod backup;
+mod block;
 mod qemu;
 pub mod qmp;
 mod sim;
@@ -32,6 +34,46 @@ pub struct DiskSpec {
     /// Serial number the guest sees (`/dev/disk/by-id/virtio-<serial>`).
     pub serial: Option<String>,
     pub read_only: bool,
+    /// qdev id of the disk's virtio-blk device (volumes: their volume id). `None`:
+    /// `virtio-disk<i>` (the root disk is `virtio-disk0`). Letters, digits, `-`, `_`, `.`,
+    /// starting with a letter, at most 26 characters, not `disk<N>`.
+    #[serde(default)]
+    pub device_id: Option<String>,
+}
+
+/// A virtio-blk device of a running VM as QEMU sees it now.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AttachedDisk {
+    pub device_id: String,
+    /// Current active node (changes with every live snapshot).
+    pub node: String,
+    /// Current active file (after a live snapshot: the overlay).
+    pub file: PathBuf,
+    /// Format of the active node (`qcow2`, `raw`).
+    pub format: String,
+    /// Virtual size in bytes.
+    pub size_bytes: u64,
+    pub read_only: bool,
+    /// Serial number the guest sees, if one was set.
+    pub serial: Option<String>,
+}
+
+/// One disk of a live snapshot: QEMU creates `overlay` (qcow2, backing = the current active
+/// file, absolute path) and makes it the disk's active layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotTarget {
+    pub device_id: String,
+    /// Absolute path; must not exist yet.
+    pub overlay: PathBuf,
+}
+
+/// Outcome of [`Hypervisor::snapshot_disks`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotReport {
+    /// Wall time of the QMP transaction (guest I/O is drained for its duration).
+    pub pause: Duration,
+    /// The new active node of each disk, in the order of the request.
+    pub nodes: Vec<String>,
 }
 
 /// One NIC: a virtio-net device backed by a tap device the network layer already created.
@@ -169,6 +211,15 @@ pub enum HypervisorError {
     Json(#[from] serde_json::Error),
     #[error("QMP")]
     Qmp(#[from] qmp::QmpError),
+    /// The driver cannot do this (e.g. the sim driver has no disks to back up).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// The caller asked to stop (a progress callback returned false); everything was rolled back.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+    /// A block job (backup, mirror) ended with an error; QEMU's message.
+    #[error("block job failed: {0}")]
+    BlockJobFailed(String),
 }
 
 impl HypervisorError {
@@ -178,6 +229,29 @@ impl HypervisorError {
             source,
         }
     }
+}
+
+/// One disk backup for [`Hypervisor::backup_disk`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupJob {
+    /// qdev id of the disk (root: `"virtio-disk0"`; volumes: their id).
+    pub device_id: String,
+    /// qcow2 file already created by the backup repository (backing = the previous backup).
+    pub target: PathBuf,
+    /// Dirty bitmap added in the same transaction as the job starts: it tracks the writes made
+    /// after this backup's point in time.
+    pub new_bitmap: String,
+    /// `None`: full backup (`sync=full`); `Some(b)`: only what bitmap `b` marks (`sync=bitmap`,
+    /// `bitmap-mode=never`, so `b` stays as it is).
+    pub since_bitmap: Option<String>,
+}
+
+/// Outcome of a successful [`Hypervisor::backup_disk`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackupReport {
+    pub duration: Duration,
+    /// The job's total progress (bytes it had to consider).
+    pub bytes_total: u64,
 }
 
 /// A hypervisor driver. All methods are idempotent where that makes sense: starting a running VM
@@ -202,12 +276,65 @@ pub trait Hypervisor: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<VmInfo>, HypervisorError>;
     /// Remove the VM's run directory. Error if it is running; `Ok` if there is nothing to remove.
     async fn cleanup(&self, id: &str) -> Result<(), HypervisorError>;
+    /// Hot-plug a disk into a running VM (blockdev-add + device_add virtio-blk-pci
+    /// id=device_id serial=serial). Already attached with this device id and file: Ok (another
+    /// file: InvalidSpec). Needs `disk.device_id` and an absolute path. Not running: NotRunning.
+    async fn attach_disk(&self, id: &str, disk: &DiskSpec) -> Result<(), HypervisorError>;
+    /// device_del, wait for DEVICE_DELETED (the guest must release it) up to `timeout`
+    /// (else Timeout, the disk stays listed), then blockdev-del the node(s). Not attached: Ok.
+    /// A second call after a timeout finishes the job (device gone: only blockdev-del).
+    async fn detach_disk(
+        &self,
+        id: &str,
+        device_id: &str,
+        timeout: Duration,
+    ) -> Result<(), HypervisorError>;
+    /// Every virtio-blk device of a running VM with its current active file and virtual size.
+    async fn attached_disks(&self, id: &str) -> Result<Vec<AttachedDisk>, HypervisorError>;
+    /// block_resize on the device's current node; growing only (smaller: InvalidSpec, nothing
+    /// changed). The size must be a multiple of 512.
+    async fn resize_disk(
+        &self,
+        id: &str,
+        device_id: &str,
+        size_bytes: u64,
+    ) -> Result<(), HypervisorError>;
+    /// Live external snapshot of several disks in ONE QMP `transaction` of
+    /// `blockdev-snapshot-sync` (format qcow2, mode absolute-paths): QEMU creates each overlay
+    /// with the old active file as backing and makes it active. `pause` = wall time of the
+    /// transaction. On failure nothing changed and no overlay file is left behind (except when
+    /// QEMU did not answer: then the outcome is unknown and the files stay).
+    async fn snapshot_disks(
+        &self,
+        id: &str,
+        disks: &[SnapshotTarget],
+    ) -> Result<SnapshotReport, HypervisorError>;
     /// The serial console output log.
     fn console_log(&self, id: &str) -> PathBuf;
     /// Unix socket of the interactive serial console.
     fn serial_socket(&self, id: &str) -> PathBuf;
     /// Unix socket of the VM's VNC server.
     fn vnc_socket(&self, id: &str) -> PathBuf;
+    /// Back up one disk of a running VM into `job.target` and wait for the end. `progress(done,
+    /// total)` is called at least every second; returning false cancels (then
+    /// `Err(Cancelled)`). On any failure or cancel the new bitmap and the target node are gone,
+    /// `since_bitmap` is untouched and the VM keeps running.
+    async fn backup_disk(
+        &self,
+        id: &str,
+        job: &BackupJob,
+        progress: &(dyn Fn(u64, u64) -> bool + Send + Sync),
+    ) -> Result<BackupReport, HypervisorError>;
+    /// Names of the dirty bitmaps on the device's current active node.
+    async fn disk_bitmaps(&self, id: &str, device_id: &str)
+        -> Result<Vec<String>, HypervisorError>;
+    /// Remove a dirty bitmap from the device's current active node; `Ok` if it is absent.
+    async fn remove_bitmap(
+        &self,
+        id: &str,
+        device_id: &str,
+        name: &str,
+    ) -> Result<(), HypervisorError>;
 }
 
 /// Check that a VM id is safe to use as a directory name and in a QEMU option value.
@@ -248,29 +375,7 @@ pub fn validate_spec(spec: &VmSpec) -> Result<(), HypervisorError> {
             spec.memory_mib
         ));
     }
-    for (i, d) in spec.disks.iter().enumerate() {
-        if d.format != "qcow2" && d.format != "raw" {
-            return invalid(format!(
-                "disk {i}: format must be qcow2 or raw, got {:?}",
-                d.format
-            ));
-        }
-        if d.path.as_os_str().is_empty() || d.path.to_str().is_none() {
-            return invalid(format!("disk {i}: path must be non-empty UTF-8"));
-        }
-        if let Some(s) = &d.serial {
-            if s.is_empty()
-                || s.len() > 20
-                || !s
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-            {
-                return invalid(format!(
-                    "disk {i}: serial {s:?} must be 1-20 characters of letters, digits, '-', '_' or '.'"
-                ));
-            }
-        }
-    }
+    block::validate_disks(&spec.disks)?;
     for (i, n) in spec.nics.iter().enumerate() {
         if !is_valid_mac(&n.mac) {
             return invalid(format!("nic {i}: bad MAC address {:?}", n.mac));
@@ -358,6 +463,7 @@ mod tests {
             format: "vmdk".into(),
             serial: None,
             read_only: false,
+            device_id: None,
         });
         assert!(validate_spec(&s).is_err());
         let mut s = spec();

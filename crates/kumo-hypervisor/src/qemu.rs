@@ -30,8 +30,8 @@ use tokio::process::Command;
 
 use crate::qmp::{Qmp, QmpError};
 use crate::{
-    validate_id, validate_spec, Accel, AccelChoice, Hypervisor, HypervisorError, PowerState,
-    VmInfo, VmSpec,
+    validate_id, validate_spec, Accel, AccelChoice, AttachedDisk, DiskSpec, Hypervisor,
+    HypervisorError, PowerState, SnapshotReport, SnapshotTarget, VmInfo, VmSpec,
 };
 
 /// Environment variable overriding the QEMU binary (default `qemu-system-x86_64`).
@@ -126,7 +126,7 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, run_dir: &Path) -> Vec<String> {
         "virtio-rng-pci,rng=rng0,id=rng0dev",
     ]);
     for (i, d) in spec.disks.iter().enumerate() {
-        let node = format!("disk{i}");
+        let node = crate::block::node_name(i, d);
         let blockdev = json!({
             "driver": d.format,
             "node-name": node,
@@ -141,7 +141,10 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, run_dir: &Path) -> Vec<String> {
             }
         });
         push(&["-blockdev", &blockdev.to_string()]);
-        let mut dev = format!("virtio-blk-pci,id=virtio-disk{i},drive={node}");
+        let mut dev = format!(
+            "virtio-blk-pci,id={},drive={node}",
+            crate::block::device_id(i, d)
+        );
         if let Some(serial) = &d.serial {
             dev.push_str(&format!(",serial={}", opt(serial)));
         }
@@ -944,12 +947,72 @@ impl Hypervisor for QemuDriver {
     fn vnc_socket(&self, id: &str) -> PathBuf {
         self.run_dir(id).join(VNC_SOCK)
     }
+
+    async fn attach_disk(&self, id: &str, disk: &DiskSpec) -> Result<(), HypervisorError> {
+        crate::block::attach_disk(self, id, disk).await
+    }
+
+    async fn detach_disk(
+        &self,
+        id: &str,
+        device_id: &str,
+        timeout: Duration,
+    ) -> Result<(), HypervisorError> {
+        crate::block::detach_disk(self, id, device_id, timeout).await
+    }
+
+    async fn attached_disks(&self, id: &str) -> Result<Vec<AttachedDisk>, HypervisorError> {
+        crate::block::attached_disks(self, id).await
+    }
+
+    async fn resize_disk(
+        &self,
+        id: &str,
+        device_id: &str,
+        size_bytes: u64,
+    ) -> Result<(), HypervisorError> {
+        crate::block::resize_disk(self, id, device_id, size_bytes).await
+    }
+
+    async fn snapshot_disks(
+        &self,
+        id: &str,
+        disks: &[SnapshotTarget],
+    ) -> Result<SnapshotReport, HypervisorError> {
+        crate::block::snapshot_disks(self, id, disks).await
+    }
+
+    async fn backup_disk(
+        &self,
+        id: &str,
+        job: &crate::BackupJob,
+        progress: &(dyn Fn(u64, u64) -> bool + Send + Sync),
+    ) -> Result<crate::BackupReport, HypervisorError> {
+        self.backup_disk_impl(id, job, progress).await
+    }
+
+    async fn disk_bitmaps(
+        &self,
+        id: &str,
+        device_id: &str,
+    ) -> Result<Vec<String>, HypervisorError> {
+        self.disk_bitmaps_impl(id, device_id).await
+    }
+
+    async fn remove_bitmap(
+        &self,
+        id: &str,
+        device_id: &str,
+        name: &str,
+    ) -> Result<(), HypervisorError> {
+        self.remove_bitmap_impl(id, device_id, name).await
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DiskSpec, NicSpec};
+    use crate::NicSpec;
 
     fn spec() -> VmSpec {
         VmSpec {
@@ -962,12 +1025,14 @@ mod tests {
                     format: "qcow2".into(),
                     serial: Some("vol-root".into()),
                     read_only: false,
+                    device_id: None,
                 },
                 DiskSpec {
                     path: "/srv/seed.img".into(),
                     format: "raw".into(),
                     serial: None,
                     read_only: true,
+                    device_id: None,
                 },
             ],
             nics: vec![NicSpec {
@@ -1052,6 +1117,30 @@ mod tests {
         assert_eq!(values(&a, "-kernel"), ["/boot/vmlinux"]);
         assert_eq!(values(&a, "-initrd"), ["/boot/initrd.img"]);
         assert_eq!(values(&a, "-append"), ["console=ttyS0 root=/dev/vda"]);
+    }
+
+    #[test]
+    fn args_device_ids() {
+        let mut s = spec();
+        s.disks[1].device_id = Some("vol-0123456789abcdef0".into());
+        s.disks[1].serial = Some("vol-0123456789abcdef0".into());
+        let a = qemu_args(&s, Accel::Tcg, Path::new("/r/x"));
+        let nodes: Vec<Value> = values(&a, "-blockdev")
+            .iter()
+            .map(|s| serde_json::from_str(s).unwrap())
+            .collect();
+        assert_eq!(nodes[0]["node-name"], "disk0");
+        assert_eq!(nodes[1]["node-name"], "vol-0123456789abcdef0");
+        assert_eq!(nodes[1]["file"]["node-name"], "vol-0123456789abcdef0-file");
+        let devices = values(&a, "-device");
+        assert!(devices
+            .contains(&"virtio-blk-pci,id=virtio-disk0,drive=disk0,serial=vol-root,bootindex=1"));
+        assert!(devices.contains(
+            &"virtio-blk-pci,id=vol-0123456789abcdef0,drive=vol-0123456789abcdef0,serial=vol-0123456789abcdef0"
+        ));
+        // A device id clashing with another disk's default one is refused before QEMU runs.
+        s.disks[1].device_id = Some("virtio-disk0".into());
+        assert!(validate_spec(&s).is_err());
     }
 
     #[test]

@@ -14,13 +14,17 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::{
-    validate_id, validate_spec, Accel, Hypervisor, HypervisorError, PowerState, VmInfo, VmSpec,
+    block, validate_id, validate_spec, Accel, AttachedDisk, DiskSpec, Hypervisor, HypervisorError,
+    PowerState, SnapshotReport, SnapshotTarget, VmInfo, VmSpec,
 };
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SimVm {
     spec: VmSpec,
     state: PowerState,
+    /// The disks plugged in now (the spec's at start, then hot-plugs).
+    #[serde(default)]
+    disks: Vec<AttachedDisk>,
 }
 
 const STATE_FILE: &str = "sim.json";
@@ -117,6 +121,24 @@ impl SimDriver {
         }
     }
 
+    /// Run `f` on the disks of a running (or paused) VM and save the VM.
+    fn with_disks<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Vec<AttachedDisk>) -> Result<T, HypervisorError>,
+    ) -> Result<T, HypervisorError> {
+        validate_id(id)?;
+        let mut vms = self.vms();
+        match vms.get_mut(id) {
+            Some(vm) if vm.state != PowerState::Stopped => {
+                let out = f(&mut vm.disks)?;
+                self.save(vm)?;
+                Ok(out)
+            }
+            _ => Err(HypervisorError::NotRunning(id.to_string())),
+        }
+    }
+
     fn set_state(&self, id: &str, from: PowerState, to: PowerState) -> Result<(), HypervisorError> {
         let mut vms = self.vms();
         match vms.get_mut(id) {
@@ -155,6 +177,14 @@ impl Hypervisor for SimDriver {
             let vm = SimVm {
                 spec: spec.clone(),
                 state: PowerState::Running,
+                disks: spec
+                    .disks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| {
+                        block::sim_disk(block::device_id(i, d), block::node_name(i, d), d)
+                    })
+                    .collect(),
             };
             self.save(&vm)?;
             vms.insert(spec.id.clone(), vm);
@@ -249,6 +279,121 @@ impl Hypervisor for SimDriver {
 
     fn vnc_socket(&self, id: &str) -> PathBuf {
         self.run_root.join(id).join("vnc.sock")
+    }
+
+    async fn attach_disk(&self, id: &str, disk: &DiskSpec) -> Result<(), HypervisorError> {
+        let dev = block::validate_attach(disk)?;
+        self.with_disks(id, |disks| {
+            match disks.iter().find(|d| d.device_id == dev) {
+                Some(d) if d.file == disk.path => {}
+                Some(d) => {
+                    return Err(HypervisorError::InvalidSpec(format!(
+                        "VM {id} already has disk {dev} with file {}",
+                        d.file.display()
+                    )))
+                }
+                None => disks.push(block::sim_disk(dev.into(), dev.into(), disk)),
+            }
+            Ok(())
+        })
+    }
+
+    async fn detach_disk(
+        &self,
+        id: &str,
+        device_id: &str,
+        _timeout: Duration,
+    ) -> Result<(), HypervisorError> {
+        block::validate_device_id(device_id)?;
+        // The simulated guest releases the device at once.
+        self.with_disks(id, |disks| {
+            disks.retain(|d| d.device_id != device_id);
+            Ok(())
+        })
+    }
+
+    async fn attached_disks(&self, id: &str) -> Result<Vec<AttachedDisk>, HypervisorError> {
+        self.with_disks(id, |disks| Ok(disks.clone()))
+    }
+
+    async fn resize_disk(
+        &self,
+        id: &str,
+        device_id: &str,
+        size_bytes: u64,
+    ) -> Result<(), HypervisorError> {
+        block::validate_size(size_bytes)?;
+        self.with_disks(id, |disks| {
+            let d = disks
+                .iter_mut()
+                .find(|d| d.device_id == device_id)
+                .ok_or_else(|| {
+                    HypervisorError::InvalidSpec(format!("VM {id} has no disk {device_id}"))
+                })?;
+            if size_bytes < d.size_bytes {
+                return Err(HypervisorError::InvalidSpec(format!(
+                    "disk {device_id} of VM {id} is {} bytes: it cannot shrink to {size_bytes}",
+                    d.size_bytes
+                )));
+            }
+            d.size_bytes = size_bytes;
+            Ok(())
+        })
+    }
+
+    async fn snapshot_disks(
+        &self,
+        id: &str,
+        disks: &[SnapshotTarget],
+    ) -> Result<SnapshotReport, HypervisorError> {
+        block::validate_targets(disks)?;
+        // Nothing is recorded: the simulated disks keep their files.
+        self.with_disks(id, |attached| {
+            let mut nodes = Vec::with_capacity(disks.len());
+            for t in disks {
+                let Some(d) = attached.iter().find(|d| d.device_id == t.device_id) else {
+                    return Err(HypervisorError::InvalidSpec(format!(
+                        "VM {id} has no disk {}",
+                        t.device_id
+                    )));
+                };
+                nodes.push(format!("{}.snap", d.node));
+            }
+            Ok(SnapshotReport {
+                pause: Duration::ZERO,
+                nodes,
+            })
+        })
+    }
+
+    async fn backup_disk(
+        &self,
+        id: &str,
+        _job: &crate::BackupJob,
+        _progress: &(dyn Fn(u64, u64) -> bool + Send + Sync),
+    ) -> Result<crate::BackupReport, HypervisorError> {
+        validate_id(id)?;
+        Err(HypervisorError::Unsupported(
+            "the sim driver has no disks to back up".into(),
+        ))
+    }
+
+    async fn disk_bitmaps(
+        &self,
+        id: &str,
+        _device_id: &str,
+    ) -> Result<Vec<String>, HypervisorError> {
+        validate_id(id)?;
+        Ok(Vec::new())
+    }
+
+    async fn remove_bitmap(
+        &self,
+        id: &str,
+        _device_id: &str,
+        _name: &str,
+    ) -> Result<(), HypervisorError> {
+        validate_id(id)
     }
 }
 

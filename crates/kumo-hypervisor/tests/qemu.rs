@@ -145,12 +145,14 @@ async fn lifecycle_reattach_stop_cleanup() {
                 format: "qcow2".into(),
                 serial: Some("vol-root".into()),
                 read_only: false,
+                device_id: None,
             },
             DiskSpec {
                 path: seed_disk,
                 format: "raw".into(),
                 serial: None,
                 read_only: true,
+                device_id: None,
             },
         ],
     );
@@ -330,6 +332,7 @@ async fn start_failures_and_kill() {
             format: "qcow2".into(),
             serial: None,
             read_only: false,
+            device_id: None,
         }],
     );
     assert!(matches!(
@@ -346,6 +349,7 @@ async fn start_failures_and_kill() {
             format: "qcow2".into(),
             serial: None,
             read_only: false,
+            device_id: None,
         }],
     );
     let t = Instant::now();
@@ -373,6 +377,7 @@ async fn start_failures_and_kill() {
             format: "qcow2".into(),
             serial: None,
             read_only: false,
+            device_id: None,
         }],
     );
     let info = d.start(&s).await.unwrap();

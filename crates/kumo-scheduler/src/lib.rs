@@ -156,6 +156,9 @@ pub struct Request {
     /// Failover and evacuation may use spare hosts; ordinary placement may not.
     pub allow_spare: bool,
     pub group: Option<GroupView>,
+    /// Only hosts of this storage pool (their `pool_key`): the disk the instance is made from
+    /// (a snapshot) lives there.
+    pub pool_key: Option<String>,
 }
 
 /// Why a host cannot take an instance. Formatted only when someone reads it.
@@ -167,6 +170,10 @@ pub enum Refusal<'a> {
         want: &'a str,
     },
     Spare,
+    Pool {
+        has: String,
+        want: &'a str,
+    },
     Needs(&'a Constraint, Option<&'a str>),
     Avoids(&'a Constraint),
     Never {
@@ -199,6 +206,10 @@ impl fmt::Display for Refusal<'_> {
             Refusal::State(s) => write!(f, "host is {s}"),
             Refusal::Site { has, want } => write!(f, "host is in site {has}, not {want}"),
             Refusal::Spare => write!(f, "spare host: kept free for failover and evacuation"),
+            Refusal::Pool { has, want } => write!(
+                f,
+                "its storage pool ({has}) does not hold the disk the instance is made from ({want})"
+            ),
             Refusal::Needs(c, Some(v)) => write!(f, "needs {c}, host has {}={v}", c.key),
             Refusal::Needs(c, None) => write!(f, "needs {c}, host has no {} label", c.key),
             Refusal::Avoids(c) => write!(f, "avoids {}={}", c.key, c.value),
@@ -262,6 +273,12 @@ pub fn judge<'a>(h: &'a HostView, r: &'a Request, p: &Policy) -> Result<f64, Ref
     }
     if !r.allow_spare && h.labels.get("role").map(String::as_str) == Some("spare") {
         return Err(Refusal::Spare);
+    }
+    if let Some(want) = &r.pool_key {
+        let has = h.pool_key();
+        if &has != want {
+            return Err(Refusal::Pool { has, want });
+        }
     }
     for c in &r.constraints {
         let has = h.labels.get(&c.key).map(String::as_str);

@@ -86,6 +86,8 @@ pub(crate) fn observed(id: &str, v: &VmState) -> VmObserved {
         power: v.power,
         reboot_seq: v.reboot_seq,
         error: None,
+        volumes: vec![],
+        volume_error: None,
     }
 }
 

@@ -238,6 +238,7 @@ impl Fleet {
                     // Not reported: the scheduler then does not limit disk.
                     disk_gib: 0,
                     tunnel_ip: String::new(),
+                    pool: None,
                 },
                 ident: OnceLock::new(),
                 stopped: AtomicBool::new(false),

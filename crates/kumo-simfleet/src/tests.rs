@@ -125,6 +125,8 @@ fn spec(id: &str, generation: i64, power: DesiredPower) -> VmDesired {
                 gateway: "10.0.0.1".into(),
             },
         },
+        root_snapshot: None,
+        volumes: vec![],
     }
 }
 

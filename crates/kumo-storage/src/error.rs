@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 /// Everything that can go wrong in this crate.
 ///
-/// Variants up to and including [`StorageError::Truncated`] describe bad *input*
+/// Variants up to and including [`StorageError::Conflict`] describe bad *input*
 /// (the user's fault: answer 4xx); see [`StorageError::is_client_error`].
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -41,6 +41,21 @@ pub enum StorageError {
     /// An upload stream ended before `expected_len` bytes, sent more than that, or failed.
     #[error("upload truncated: {0}")]
     Truncated(String),
+    /// The operation does not exist for this kind of pool (e.g. snapshots in an lvm pool).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// The pool (or the export's destination) is full: HTTP 507.
+    #[error("no space left: {0}")]
+    NoSpace(String),
+    /// Copying into `size` bytes would cut off guest data that ends at byte `data_end`.
+    #[error("the disk holds data up to byte {data_end}, beyond the new size of {size} bytes")]
+    DataBeyondSize { data_end: u64, size: u64 },
+    /// The disk is in use (a running VM holds it) and the operation needs it stopped.
+    #[error("busy: {0}")]
+    Busy(String),
+    /// The name is taken by something else (a disk of another size, an existing snapshot, ...).
+    #[error("conflict: {0}")]
+    Conflict(String),
 
     /// Local I/O failure.
     #[error("{context}: {source}")]
@@ -55,6 +70,9 @@ pub enum StorageError {
     /// `qemu-img` printed something we could not parse.
     #[error("could not parse qemu-img output: {0}")]
     Parse(String),
+    /// An LVM tool (`lvcreate`, `vgs`, ...) or `blkdiscard` could not be run or failed.
+    #[error("{command} failed: {message}")]
+    Lvm { command: String, message: String },
 }
 
 impl StorageError {
@@ -62,7 +80,10 @@ impl StorageError {
     pub fn is_client_error(&self) -> bool {
         !matches!(
             self,
-            StorageError::Io { .. } | StorageError::QemuImg { .. } | StorageError::Parse(_)
+            StorageError::Io { .. }
+                | StorageError::QemuImg { .. }
+                | StorageError::Parse(_)
+                | StorageError::Lvm { .. }
         )
     }
 

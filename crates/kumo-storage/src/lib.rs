@@ -9,7 +9,9 @@
 //!
 //! The `qemu-img` binary is taken from `PATH` unless [`QEMU_IMG_ENV`] names another one.
 
+pub mod backup;
 mod error;
+pub mod pool;
 mod qemu;
 pub mod sniff;
 

@@ -37,6 +37,11 @@ pub struct HostRow {
     pub reserved_memory_mib: Option<u64>,
     /// VXLAN tunnel address ("" = none).
     pub tunnel_ip: String,
+    /// The host's storage pool as its agent reports it (name, kind, real capacity).
+    pub pool_name: String,
+    pub pool_kind: String,
+    pub pool_total_bytes: u64,
+    pub pool_free_bytes: u64,
 }
 
 /// What the live instances on a host reserve. Stopped instances keep their reservation:
@@ -49,7 +54,7 @@ pub struct HostUsage {
     pub disk_gib: u64,
 }
 
-const HOST_COLUMNS: &str = "id, name, secret, address, site, state, vcpus, memory_mib, hypervisor, accel, qemu_version, last_heartbeat, generation, created_at, labels, storage_pool, disk_gib, cpu_overcommit, memory_overcommit, reserved_memory_mib, tunnel_ip";
+const HOST_COLUMNS: &str = "id, name, secret, address, site, state, vcpus, memory_mib, hypervisor, accel, qemu_version, last_heartbeat, generation, created_at, labels, storage_pool, disk_gib, cpu_overcommit, memory_overcommit, reserved_memory_mib, tunnel_ip, pool_name, pool_kind, pool_total_bytes, pool_free_bytes";
 
 fn host_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<HostRow> {
     Ok(HostRow {
@@ -82,6 +87,10 @@ fn host_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<HostRow> {
             .try_get::<Option<i64>, _>("reserved_memory_mib")?
             .map(|v| v.max(0) as u64),
         tunnel_ip: r.try_get("tunnel_ip")?,
+        pool_name: r.try_get("pool_name")?,
+        pool_kind: r.try_get("pool_kind")?,
+        pool_total_bytes: r.try_get::<i64, _>("pool_total_bytes")?.max(0) as u64,
+        pool_free_bytes: r.try_get::<i64, _>("pool_free_bytes")?.max(0) as u64,
     })
 }
 
@@ -121,6 +130,7 @@ impl Store {
         kumo_types::id::validate_name(site).map_err(StoreError::Invalid)?;
         let labels = check_labels(&info.labels)?;
         check_pool(&info.storage_pool)?;
+        self.check_pool_report(info).await?;
         let id = new_id(IdKind::Host);
         let now = now_str();
         let mut placement = self.placement().await?;
@@ -146,6 +156,7 @@ impl Store {
         .execute(&self.pool)
         .await
         .map_err(|e| unique_conflict(e, format!("a host named {name} is already registered")))?;
+        self.record_pool_report(&id, info).await?;
         let host = self.host(&id).await?;
         placement.upsert_host(&host);
         Ok(host)
@@ -201,7 +212,9 @@ impl Store {
     pub async fn host_heartbeat(&self, id: &str, address: &str, info: &HostInfo) -> Result<()> {
         let labels = check_labels(&info.labels)?;
         check_pool(&info.storage_pool)?;
+        self.check_pool_report(info).await?;
         let mut placement = self.placement().await?;
+        self.record_pool_report(id, info).await?;
         let row = sqlx::query(&format!(
             "UPDATE hosts SET address = $2, vcpus = $3, memory_mib = $4, hypervisor = $5, accel = $6,
                  qemu_version = $7, last_heartbeat = $8, labels = $9, storage_pool = $10, disk_gib = $11, tunnel_ip = $12,

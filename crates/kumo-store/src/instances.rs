@@ -57,6 +57,8 @@ pub struct InstanceRow {
     pub public_ip: Option<String>,
     /// Its SLAAC address when its network is dual stack (EUI-64 of the MAC in the network's /64).
     pub ipv6: Option<String>,
+    /// The snapshot its root disk was made from (a booted snapshot or a hot clone).
+    pub root_snapshot_id: Option<String>,
 }
 
 /// Launch details the EC2 API records with a new instance; empty for the native API.
@@ -85,6 +87,8 @@ pub struct NewInstance {
     pub security_group_ids: Vec<String>,
     /// A key pair name of the project (checked).
     pub key_name: Option<String>,
+    /// Make the root disk from this snapshot (checked to be the project's) instead of the image.
+    pub root_snapshot_id: Option<String>,
 }
 
 pub use crate::networks::NetworkRow;
@@ -97,7 +101,7 @@ pub struct Observation {
     pub error: Option<String>,
 }
 
-pub(crate) const COLS: &str = "id, project_id, name, image_id, instance_type, vcpus, memory_mib, disk_gib, state, desired, reboot_seq, host_id, network_id, mac, private_ip, generation, observed_generation, last_error, created_at, updated_at, terminated_at, user_data, reservation_id, launch_index, client_token, placement_group_id, requested_site, constraints, key_name,
+pub(crate) const COLS: &str = "id, project_id, name, image_id, instance_type, vcpus, memory_mib, disk_gib, state, desired, reboot_seq, host_id, network_id, mac, private_ip, generation, observed_generation, last_error, created_at, updated_at, terminated_at, user_data, reservation_id, launch_index, client_token, placement_group_id, requested_site, constraints, key_name, root_snapshot_id,
     (SELECT group_concat(group_id, ' ' ORDER BY position) FROM instance_security_groups WHERE instance_id = instances.id) AS security_group_ids,
     (SELECT public_ip FROM addresses WHERE instance_id = instances.id) AS public_ip,
     (SELECT ipv6_cidr FROM networks WHERE id = instances.network_id) AS network_ipv6";
@@ -148,6 +152,7 @@ pub(crate) fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<InstanceRow> {
             &r.try_get::<String, _>("mac")?,
         )
         .map(|a| a.to_string()),
+        root_snapshot_id: r.try_get("root_snapshot_id")?,
     })
 }
 
@@ -229,6 +234,18 @@ impl Store {
             }
         }
         self.check_names_free(scope, news).await?;
+        // Checked under the lock: a snapshot being deleted cannot gain an instance.
+        for n in news {
+            if let Some(snap) = &n.root_snapshot_id {
+                let s = self.snapshot(scope, snap).await?;
+                if s.state != "completed" {
+                    return Err(StoreError::Invalid(format!(
+                        "snapshot {} is {}, not completed",
+                        s.id, s.state
+                    )));
+                }
+            }
+        }
         // Decide every placement in memory first; undo them all if the batch fails.
         let mut claims: Vec<Claim> = Vec::with_capacity(news.len());
         let mut failure = None;
@@ -329,9 +346,9 @@ impl Store {
                 .map_err(|_| StoreError::Corrupt("constraints"))?;
             let row = sqlx::query(&format!(
                 "INSERT INTO instances (id, project_id, name, image_id, instance_type, vcpus, memory_mib, disk_gib, state, desired, reboot_seq, host_id, network_id, mac, private_ip, generation, observed_generation, created_at, updated_at,
-                     user_data, reservation_id, launch_index, client_token, placement_group_id, requested_site, constraints, key_name, public_key)
+                     user_data, reservation_id, launch_index, client_token, placement_group_id, requested_site, constraints, key_name, public_key, root_snapshot_id)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 'running', 0, $9, $10, $11, $12, 1, 0, $13, $13, $14, $15, $16, $17, $18, $19, $20,
-                     $21, (SELECT public_key FROM key_pairs WHERE project_id = $2 AND name = $21))
+                     $21, (SELECT public_key FROM key_pairs WHERE project_id = $2 AND name = $21), $22)
                  RETURNING {COLS}"
             ))
             .bind(new_id(IdKind::Instance))
@@ -355,6 +372,7 @@ impl Store {
             .bind(&new.site)
             .bind(constraints)
             .bind(&new.key_name)
+            .bind(&new.root_snapshot_id)
             .fetch_one(&mut *tx)
             .await?;
             let mut row = from_row(&row)?;
@@ -597,6 +615,7 @@ impl Store {
             .await?;
             if done.rows_affected() == 1 {
                 self.disassociate_instance(&row.id).await?;
+                self.release_instance_volumes(&row.id).await?;
                 match Claim::of(row) {
                     Some(c) => placement.apply(&c, -1),
                     // Never placed: only its address was taken.

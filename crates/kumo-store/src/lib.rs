@@ -16,6 +16,7 @@ mod ops;
 mod placement;
 mod secrets;
 mod security;
+mod storage;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -41,6 +42,10 @@ pub use security::{
     check_cidr, describe_rule, normalize_protocol, parse_public_key, KeyPairRow, NewSgRule,
     PublicKey, SecurityGroupRow, SgRuleRow, DEFAULT_GROUP, MAX_GROUPS_PER_INSTANCE,
 };
+pub use storage::{
+    is_shared, Domain, DomainUsage, NewSnapshot, NewVolume, PoolRow, SnapshotRow, VolumeRow, GIB,
+    OVERCOMMIT_RANGE,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -52,6 +57,9 @@ pub enum StoreError {
     Invalid(String),
     #[error("no host can take this instance: {0}")]
     NoCapacity(String),
+    /// A storage pool has no room for a disk.
+    #[error("{0}")]
+    NoStorage(String),
     #[error("database error")]
     Db(#[from] sqlx::Error),
     #[error("database migration failed")]

@@ -14,6 +14,7 @@ fn info() -> HostInfo {
         storage_pool: String::new(),
         disk_gib: 0,
         tunnel_ip: String::new(),
+        pool: None,
     }
 }
 
@@ -42,6 +43,7 @@ fn new_instance(name: &str, image: &str, network: &str) -> NewInstance {
         constraints: vec![],
         security_group_ids: vec![],
         key_name: None,
+        root_snapshot_id: None,
     }
 }
 

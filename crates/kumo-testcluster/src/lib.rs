@@ -627,7 +627,14 @@ impl Cluster {
             cmd.args(["--capacity", &format!("{c}:{m}")]);
         }
         if let Some(p) = &hs.storage_pool {
-            cmd.args(["--storage-pool", p]);
+            // A shared pool: one directory of the cluster that every host naming it uses.
+            let dir = h
+                .data_dir
+                .parent()
+                .unwrap_or(&h.data_dir)
+                .join("pools")
+                .join(p);
+            cmd.args(["--storage-pool", p]).arg("--pool-path").arg(dir);
         }
         cmd.args(&hs.extra_args)
             .stdin(Stdio::null())

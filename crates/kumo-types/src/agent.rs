@@ -21,6 +21,12 @@ pub struct VmDesired {
     pub ramdisk: Option<ImageRef>,
     pub cmdline: Option<String>,
     pub nic: NicDesired,
+    /// The root disk is made from this snapshot (in the host's pool) instead of the image.
+    #[serde(default)]
+    pub root_snapshot: Option<String>,
+    /// Volumes attached to the VM (hot-plugged while it runs).
+    #[serde(default)]
+    pub volumes: Vec<crate::storage::VolumeDesired>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -74,6 +80,12 @@ pub struct VmObserved {
     pub power: ObservedPower,
     pub reboot_seq: i64,
     pub error: Option<String>,
+    /// Volumes attached to the running VM, as QEMU reports them.
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    /// Why a volume could not be attached, detached or resized (the VM itself is fine).
+    #[serde(default)]
+    pub volume_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,6 +124,9 @@ pub struct HostInfo {
     /// This host's address for VXLAN tunnels between hosts (empty: no tunnels).
     #[serde(default)]
     pub tunnel_ip: String,
+    /// The host's storage pool: its kind and capacity.
+    #[serde(default)]
+    pub pool: Option<crate::storage::PoolReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

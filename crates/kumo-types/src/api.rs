@@ -243,8 +243,13 @@ pub struct Instance {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct CreateInstance {
     pub name: String,
-    /// Image id or name.
+    /// Image id or name (or give `snapshot`).
+    #[serde(default)]
     pub image: String,
+    /// Boot a snapshot of an instance's root disk as a new instance (copy-on-write, next to the
+    /// original; the mail-recovery case) instead of an image.
+    #[serde(default)]
+    pub snapshot: Option<String>,
     #[serde(default)]
     pub instance_type: Option<String>,
     /// Place the instance in this site (availability zone).

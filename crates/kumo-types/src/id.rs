@@ -23,6 +23,10 @@ pub enum IdKind {
     Address,
     /// An elastic IP's association with an instance.
     Association,
+    Volume,
+    Snapshot,
+    Backup,
+    BackupSchedule,
 }
 
 impl IdKind {
@@ -44,6 +48,10 @@ impl IdKind {
             IdKind::KeyPair => "key",
             IdKind::Address => "eipalloc",
             IdKind::Association => "eipassoc",
+            IdKind::Volume => "vol",
+            IdKind::Snapshot => "snap",
+            IdKind::Backup => "backup",
+            IdKind::BackupSchedule => "bsched",
         }
     }
 }

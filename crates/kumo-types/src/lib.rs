@@ -8,6 +8,7 @@ pub mod ipv6;
 pub mod networks;
 pub mod security;
 pub mod state;
+pub mod storage;
 
 pub use id::{new_id, IdKind};
 pub use state::InstanceState;

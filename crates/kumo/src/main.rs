@@ -14,7 +14,7 @@ use kumo_cli::{
     AddressCmd, AddressPoolCmd, Client, ClientConfig, HostCmd, ImageCmd, NetworkCmd,
     PlacementGroupCmd, VmCmd,
 };
-use kumo_cli::{KeyCmd, SgCmd};
+use kumo_cli::{KeyCmd, PoolCmd, SgCmd, SnapshotCmd, VolumeCmd};
 
 #[derive(Parser)]
 #[command(
@@ -65,6 +65,15 @@ enum Cmd {
     /// Elastic IPs: public addresses mapped to instances.
     #[command(subcommand)]
     Address(AddressCmd),
+    /// Storage pools: where root disks and volumes live, their capacity and overcommit.
+    #[command(subcommand, alias = "storage-pool")]
+    Pool(PoolCmd),
+    /// Block volumes: extra disks for instances, attached and grown while they run.
+    #[command(subcommand, alias = "vol")]
+    Volume(VolumeCmd),
+    /// Snapshots of instance root disks and volumes (live while they run).
+    #[command(subcommand, alias = "snap")]
+    Snapshot(SnapshotCmd),
     /// Recent events from the journal.
     Events {
         #[arg(long, default_value_t = 50)]
@@ -142,6 +151,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Network(c) => Ok(c.run(&client()?).await?),
         Cmd::AddressPool(c) => Ok(c.run(&client()?).await?),
         Cmd::Address(c) => Ok(c.run(&client()?).await?),
+        Cmd::Pool(c) => Ok(c.run(&client()?).await?),
+        Cmd::Volume(c) => Ok(c.run(&client()?).await?),
+        Cmd::Snapshot(c) => Ok(c.run(&client()?).await?),
         Cmd::Events { limit } => {
             for e in client()?.events(limit).await? {
                 println!(

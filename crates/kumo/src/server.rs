@@ -131,10 +131,21 @@ pub struct AgentArgs {
     /// A host label KEY=VALUE for placement policies (repeatable), e.g. role=core, role=spare.
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
-    /// The storage pool holding this host's VM disks; hosts naming the same pool share it
-    /// (default: a local pool of this host alone).
+    /// The storage pool holding this host's VM disks and volumes. Hosts naming the same
+    /// shared pool share it (default: `local`, a pool of this host alone).
     #[arg(long, default_value = "")]
     pub storage_pool: String,
+    /// The pool's kind: dir (local files), shared (a directory every host of the pool mounts)
+    /// or lvm (a volume group). Default: shared when --storage-pool is given, else dir.
+    #[arg(long, value_parser = parse_pool_kind)]
+    pub pool_kind: Option<kumo_storage::pool::PoolKind>,
+    /// The pool's directory (dir, shared; default DATA_DIR/pool) or, for lvm, where its
+    /// metadata lives.
+    #[arg(long)]
+    pub pool_path: Option<std::path::PathBuf>,
+    /// The volume group of an lvm pool.
+    #[arg(long)]
+    pub pool_vg: Option<String>,
     /// Seconds between network re-renders (policy refresh and drift repair).
     #[arg(long, default_value_t = 5)]
     pub network_interval: u64,
@@ -150,6 +161,11 @@ pub struct AgentArgs {
     /// An existing bridge on the public network, for elastic IPs.
     #[arg(long)]
     pub public_bridge: Option<String>,
+}
+
+pub(crate) fn parse_pool_kind(s: &str) -> Result<kumo_storage::pool::PoolKind, String> {
+    s.parse()
+        .map_err(|_| format!("pool kind {s:?}: one of dir, shared, lvm"))
 }
 
 pub(crate) fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -252,11 +268,27 @@ pub fn agent_config(a: &AgentArgs) -> kumo_agent::Config {
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "host1".into())
     });
+    use kumo_storage::pool::{PoolConfig, PoolKind};
+    let data_dir = a
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| crate::default_data_dir().join("agent"));
+    let pool = PoolConfig {
+        name: if a.storage_pool.is_empty() {
+            "local".into()
+        } else {
+            a.storage_pool.clone()
+        },
+        kind: a.pool_kind.unwrap_or(if a.storage_pool.is_empty() {
+            PoolKind::Dir
+        } else {
+            PoolKind::Shared
+        }),
+        path: a.pool_path.clone().unwrap_or_else(|| data_dir.join("pool")),
+        vg: a.pool_vg.clone(),
+    };
     kumo_agent::Config {
-        data_dir: a
-            .data_dir
-            .clone()
-            .unwrap_or_else(|| crate::default_data_dir().join("agent")),
+        data_dir,
         controller: a.controller.trim_end_matches('/').to_string(),
         join_token: a.join_token.clone(),
         name,
@@ -270,7 +302,7 @@ pub fn agent_config(a: &AgentArgs) -> kumo_agent::Config {
         stop_timeout: Duration::from_secs(a.stop_timeout),
         capacity: a.capacity,
         labels: a.labels.iter().cloned().collect(),
-        storage_pool: a.storage_pool.clone(),
+        pool,
         network_interval: Duration::from_secs(a.network_interval.max(1)),
         router_prefix: a.router_netns_prefix.clone(),
         tunnel_ip: a.tunnel_ip,

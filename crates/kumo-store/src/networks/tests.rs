@@ -16,6 +16,7 @@ fn info() -> HostInfo {
         storage_pool: String::new(),
         disk_gib: 0,
         tunnel_ip: String::new(),
+        pool: None,
     }
 }
 
@@ -88,6 +89,7 @@ async fn vm(
         constraints: vec![],
         security_group_ids: vec![],
         key_name: None,
+        root_snapshot_id: None,
     };
     s.create_instance(scope, &new, |p, _| first_host(p)).await
 }

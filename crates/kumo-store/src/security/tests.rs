@@ -40,6 +40,7 @@ async fn env() -> Env {
         storage_pool: String::new(),
         disk_gib: 0,
         tunnel_ip: String::new(),
+        pool: None,
     };
     let host = s
         .register_host("h1", "http://x", "site1", &info)
@@ -100,6 +101,7 @@ impl Env {
             constraints: vec![],
             security_group_ids: groups.iter().map(|g| g.to_string()).collect(),
             key_name: key.map(str::to_string),
+            root_snapshot_id: None,
         };
         let host = self.host.clone();
         self.s

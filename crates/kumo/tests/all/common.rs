@@ -524,6 +524,21 @@ pub fn router_namespaces(ns: &str) -> Vec<String> {
 static GUEST: OnceCell<PathBuf> = OnceCell::const_new();
 
 /// The test guest, built once per test run (`kumo dev build-guest`, cached by Debian package).
+/// A client of a member of a new project, made straight in the controller's store.
+pub async fn project_member(cloud: &Cloud, project: &str) -> Client {
+    let store = kumo_store::Store::open_sqlite(&cloud.data_dir().join("kumo.db"))
+        .await
+        .expect("open store");
+    let p = store.create_project(project).await.expect("project");
+    let u = store
+        .create_user(&format!("{project}-user"), &p, "member")
+        .await
+        .expect("user");
+    let k = store.create_access_key(&u).await.expect("key");
+    store.close().await;
+    cloud.client_for(&k.id, &k.secret)
+}
+
 pub async fn guest_dir() -> PathBuf {
     GUEST
         .get_or_init(|| async {

@@ -363,9 +363,19 @@ pub fn leftovers(cloud: &Cloud, id: &str, mac: &str) -> Vec<String> {
         data.join("vms").join(id),
         data.join("run").join(id),
         data.join("ledger").join(format!("{id}.json")),
+        data.join("pool").join("disks").join(format!("{id}.json")),
     ] {
         if p.exists() {
             left.push(format!("{}", p.display()));
+        }
+    }
+    // No layer of its root disk either (no snapshot pins one).
+    if let Ok(rd) = std::fs::read_dir(data.join("pool").join("layers")) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("{id}.")) {
+                left.push(format!("layer {name}"));
+            }
         }
     }
     // Host entries for its MAC in the network state (dnsmasq's logs may mention it: skip logs).
@@ -680,7 +690,7 @@ async fn concurrent_launches_share_the_image_cache() {
         assert!(i.last_error.is_none(), "{id}: {:?}", i.last_error);
         assert_eq!(cloud.qemu_pids_for(id).len(), 1, "{id} runs exactly once");
     }
-    let cache = cloud.agents[0].data_dir.join("images");
+    let cache = cloud.agents[0].data_dir.join("pool").join("images");
     let mut files: Vec<String> = std::fs::read_dir(&cache)
         .expect("cache")
         .flatten()
@@ -692,5 +702,5 @@ async fn concurrent_launches_share_the_image_cache() {
         3,
         "kernel, ramdisk and disk once each: {files:?}"
     );
-    assert!(files.iter().all(|f| !f.ends_with(".download")), "{files:?}");
+    assert!(files.iter().all(|f| !f.contains(".download")), "{files:?}");
 }

@@ -746,7 +746,7 @@ async fn ec2_bad_input() {
     .await;
     ec2.err(&[("Action", "StartInstances")], 400, "MissingParameter")
         .await;
-    ec2.err(&[("Action", "CreateVolume")], 400, "UnsupportedOperation")
+    ec2.err(&[("Action", "CreateVolume")], 400, "MissingParameter")
         .await;
     ec2.err(
         &[("Action", "DescribeKeyPairs"), ("KeyName.1", "nope")],

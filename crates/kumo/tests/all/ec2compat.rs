@@ -167,19 +167,21 @@ async fn ec2_compat_with_boto3_and_aws_cli() {
 
     let python = bin.join("python");
     let compat = workspace_root().join("tests/compat");
-    let (life, describe, errors, cli) = (
+    let (life, describe, errors, volumes, cli) = (
         [compat.join("boto3_lifecycle.py")],
         [compat.join("boto3_describe.py")],
         [compat.join("boto3_errors.py")],
+        [compat.join("boto3_volumes.py")],
         [compat.join("awscli_scenario.sh")],
     );
     let outcomes = tokio::join!(
         run_script("boto3_lifecycle.py", &python, &life, &env),
         run_script("boto3_describe.py", &python, &describe, &env),
         run_script("boto3_errors.py", &python, &errors, &env),
+        run_script("boto3_volumes.py", &python, &volumes, &env),
         run_script("awscli_scenario.sh", Path::new("bash"), &cli, &env),
     );
-    let outcomes = [outcomes.0, outcomes.1, outcomes.2, outcomes.3];
+    let outcomes = [outcomes.0, outcomes.1, outcomes.2, outcomes.3, outcomes.4];
     let mut report = String::new();
     for o in &outcomes {
         report.push_str(&format!(

@@ -19,5 +19,6 @@ mod placement;
 mod restart;
 mod security;
 mod sim;
+mod storage;
 mod tenant;
 mod up;

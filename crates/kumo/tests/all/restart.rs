@@ -245,7 +245,12 @@ async fn controller_sigkill_during_create_stop_terminate() {
     );
     // The stopped one keeps its disk; it was stopped once, gracefully.
     assert!(
-        cloud.agents[0].data_dir.join("vms").join(&a).exists(),
+        cloud.agents[0]
+            .data_dir
+            .join("pool")
+            .join("disks")
+            .join(format!("{a}.json"))
+            .exists(),
         "stopped {a} keeps its disk"
     );
     assert_eq!(
