@@ -335,20 +335,26 @@ done </etc/kumo/modules
 [ -n "$ACPID" ] || start_acpid
 ip link set lo up
 
-# Data disk: mount /dev/vda on /data; format it (ext2 via busybox mke2fs, mounted by the ext4
-# driver) only if its first MiB is all zeros, i.e. it carries no filesystem at all.
-if [ -b /dev/vda ]; then
-    if ! mount -t ext4 -o noatime /dev/vda /data 2>/dev/null; then
-        if cmp -s -n 1048576 /dev/vda /dev/zero; then
-            echo "kumo: /dev/vda is blank, formatting"
-            mke2fs -q -L kumo-data -m 0 /dev/vda && mount -t ext4 -o noatime /dev/vda /data
+# Data disk: the disk whose serial is this instance's id (kumo's root disk; device names follow
+# PCI probe order, which volumes plugged in early can change), else /dev/vda. Mount it on /data;
+# format it (ext2 via busybox mke2fs, mounted by the ext4 driver) only if its first MiB is all
+# zeros, i.e. it carries no filesystem at all.
+DISK=/dev/vda
+for s in /sys/block/vd*/serial; do
+    [ -r "$s" ] && [ "$(cat "$s")" = "$KUMO_ID" ] && { d=${s%/serial}; DISK=/dev/${d##*/}; }
+done
+if [ -b $DISK ]; then
+    if ! mount -t ext4 -o noatime $DISK /data 2>/dev/null; then
+        if cmp -s -n 1048576 $DISK /dev/zero; then
+            echo "kumo: $DISK is blank, formatting"
+            mke2fs -q -L kumo-data -m 0 $DISK && mount -t ext4 -o noatime $DISK /data
         fi
     fi
 fi
 if grep -q ' /data ' /proc/mounts; then
     DATA_OK=1
 else
-    echo "KUMO-GUEST-DATA-ERROR cannot mount /dev/vda on /data"
+    echo "KUMO-GUEST-DATA-ERROR cannot mount $DISK on /data"
     DATA_OK=
 fi
 

@@ -170,7 +170,7 @@ expect_error InvalidAMIID.NotFound run-instances --image-id ami-0123456789abcdef
 expect_error DryRunOperation run-instances --image-id "$ami" --instance-type t1.nano --count 1 --dry-run
 expect_error DryRunOperation stop-instances --instance-ids "$id" --dry-run
 expect_error InvalidParameterValue describe-instances --filters Name=no-such-filter,Values=x
-expect_error UnsupportedOperation create-volume --size 1 --availability-zone "$zone"
+expect_error InvalidParameterValue create-volume --size 0 --availability-zone "$zone"
 expect_error InvalidKeyPair.NotFound describe-key-pairs --key-names "nope-$RUN"
 expect_error InvalidAllocationID.NotFound release-address --allocation-id eipalloc-0123456789abcdef0
 

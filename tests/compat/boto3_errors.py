@@ -672,19 +672,8 @@ def security_groups_and_keys():
 def unsupported():
     """Actions of capabilities that have not landed: UnsupportedOperation, never a fake success."""
     iid = state["iid"]
-    vol = "vol-0123456789abcdef0"
-    zone = c.describe_availability_zones()["AvailabilityZones"][0]["ZoneName"]
     calls = [
         (c.create_image, dict(InstanceId=iid, Name=f"img-{RUN}")),
-        (c.create_volume, dict(Size=1, AvailabilityZone=zone)),
-        (c.describe_volumes, {}),
-        (c.attach_volume, dict(Device="/dev/vdb", InstanceId=iid, VolumeId=vol)),
-        (c.detach_volume, dict(VolumeId=vol)),
-        (c.delete_volume, dict(VolumeId=vol)),
-        (c.modify_volume, dict(VolumeId=vol, Size=2)),
-        (c.create_snapshot, dict(VolumeId=vol)),
-        (c.describe_snapshots, {}),
-        (c.delete_snapshot, dict(SnapshotId="snap-0123456789abcdef0")),
         (c.create_subnet, dict(VpcId="vpc-0123456789abcdef0", CidrBlock="10.77.1.0/24")),
         (c.describe_subnets, {}),
         (c.delete_subnet, dict(SubnetId="subnet-0123456789abcdef0")),

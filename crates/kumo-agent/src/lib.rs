@@ -59,6 +59,8 @@ pub struct Config {
     pub trunk: Option<String>,
     /// Existing bridge on the public network (elastic IPs).
     pub public_bridge: Option<String>,
+    /// Bytes a second a backup may copy (`None`: unlimited).
+    pub backup_rate: Option<u64>,
 }
 
 pub struct Agent {

@@ -170,7 +170,13 @@ impl Agent {
             // A running VM's error is about its volumes (a failed VM is not running).
             volume_error: if is_on { rec.error.clone() } else { None },
             error: rec.error,
-            volumes: if is_on { attached } else { vec![] },
+            // What was last seen plugged in, unless the VM is known to be off: a state probe that
+            // timed out behind a hot-plug must not read as "nothing attached".
+            volumes: if actual == PowerState::Stopped && !converging {
+                vec![]
+            } else {
+                attached
+            },
         })
     }
 

@@ -3,6 +3,7 @@
 
 mod agent;
 pub mod auth;
+mod backups;
 mod convert;
 pub mod error;
 mod images;
@@ -41,6 +42,8 @@ pub struct AppState {
         storage::list_pools, storage::show_pool, storage::update_pool, storage::list_volumes, storage::create_volume, storage::show_volume,
         storage::delete_volume, storage::attach_volume, storage::detach_volume, storage::resize_volume, storage::copy_volume,
         storage::list_snapshots, storage::create_snapshot, storage::show_snapshot, storage::delete_snapshot, storage::clone_instance,
+        backups::list, backups::create, backups::show, backups::delete, backups::verify, backups::restore,
+        backups::list_schedules, backups::create_schedule, backups::delete_schedule,
     ),
     components(schemas(images::ImageWithOperation,
         kumo_types::security::SecurityGroup, kumo_types::security::SecurityGroupRule, kumo_types::security::CreateSecurityGroup,
@@ -50,7 +53,9 @@ pub struct AppState {
         storage::VolumeWithOperation, kumo_types::storage::StoragePool, kumo_types::storage::PoolHost, kumo_types::storage::UpdateStoragePool,
         kumo_types::storage::Volume, kumo_types::storage::CreateVolume, kumo_types::storage::AttachVolume, kumo_types::storage::ResizeVolume,
         kumo_types::storage::CopyVolume, kumo_types::storage::Snapshot, kumo_types::storage::CreateSnapshot, kumo_types::storage::CloneInstance,
-        kumo_types::storage::CloneResult)),
+        kumo_types::storage::CloneResult, kumo_types::storage::Backup, kumo_types::storage::CreateBackup,
+        kumo_types::storage::BackupWithOperation, kumo_types::storage::RestoreBackup, kumo_types::storage::RestoreResult,
+        kumo_types::storage::BackupSchedule, kumo_types::storage::CreateBackupSchedule)),
     tags((name = "instances"), (name = "images"), (name = "hosts"), (name = "placement-groups"), (name = "security-groups"), (name = "key-pairs"), (name = "networks"), (name = "addresses"), (name = "storage"), (name = "operations"), (name = "events"), (name = "auth"))
 )]
 pub struct ApiDoc;
@@ -203,6 +208,21 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/instances/{id}/clone",
             post(storage::clone_instance),
+        )
+        .route("/api/v1/backups", get(backups::list).post(backups::create))
+        .route(
+            "/api/v1/backups/{id}",
+            get(backups::show).delete(backups::delete),
+        )
+        .route("/api/v1/backups/{id}/verify", post(backups::verify))
+        .route("/api/v1/backups/{id}/restore", post(backups::restore))
+        .route(
+            "/api/v1/backup-schedules",
+            get(backups::list_schedules).post(backups::create_schedule),
+        )
+        .route(
+            "/api/v1/backup-schedules/{id}",
+            delete(backups::delete_schedule),
         )
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/agent/register", post(agent::register))

@@ -17,8 +17,8 @@ pub use groups::PlacementGroupCmd;
 pub use networks::{AddressCmd, AddressPoolCmd, NetworkCmd};
 pub use security::{KeyCmd, KeyType, Proto, SgCmd};
 pub use storage::{
-    human_size, parse_size, CloneArgs, PoolCmd, RatioError, SizeError, SnapshotCmd, VolumeCmd,
-    VolumeWithOperation,
+    human_size, parse_size, BackupCmd, CloneArgs, PoolCmd, RatioError, ScheduleCmd, SizeError,
+    SnapshotCmd, VolumeCmd, VolumeWithOperation,
 };
 
 #[derive(Debug, thiserror::Error)]

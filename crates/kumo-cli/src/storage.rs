@@ -1,6 +1,7 @@
 //! `kumo pool ...`, `kumo volume ...`, `kumo snapshot ...` and `kumo vm clone`: storage pools,
 //! block volumes, snapshots and hot clones, and the client calls behind them.
 
+mod backups;
 mod size;
 mod volumes;
 
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::commands::{print_json, table, wait_for, Output};
 use crate::{Client, ClientError};
 
+pub use backups::{BackupCmd, ScheduleCmd};
 pub use size::{human_size, parse_size, SizeError};
 pub use volumes::VolumeCmd;
 

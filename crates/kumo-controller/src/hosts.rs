@@ -122,8 +122,15 @@ impl Controller {
             power: vm.power,
             error: vm.error.clone(),
         };
-        if vm.generation >= row.generation {
-            let running = vm.power == kumo_types::agent::ObservedPower::Running;
+        // Only settled reports say what is plugged in: a VM starting or stopping (or whose state
+        // probe timed out behind a hot-plug) reports too little.
+        use kumo_types::agent::ObservedPower;
+        let settled = matches!(
+            vm.power,
+            ObservedPower::Running | ObservedPower::Stopped | ObservedPower::Failed
+        );
+        if vm.generation >= row.generation && settled {
+            let running = vm.power == ObservedPower::Running;
             for v in self
                 .store
                 .observe_volumes(&row.id, &vm.volumes, running)

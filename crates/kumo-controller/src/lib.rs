@@ -29,6 +29,8 @@ use tokio::sync::Notify;
 pub struct Config {
     /// Where image files live.
     pub image_dir: PathBuf,
+    /// The backup repository (mounted at the same path on every host).
+    pub backup_dir: PathBuf,
     /// A host that has not sent a heartbeat for this long is `down`.
     pub heartbeat_timeout: Duration,
     pub policy: kumo_scheduler::Policy,
@@ -93,6 +95,8 @@ impl Controller {
         self.recover_operations().await?;
         let me = self.clone();
         tokio::spawn(async move { me.reconcile_loop().await });
+        let me = self.clone();
+        tokio::spawn(async move { me.schedule_loop().await });
         Ok(())
     }
 
@@ -104,6 +108,8 @@ impl Controller {
                 let msg = "the controller restarted during the import; import the image again";
                 self.store.fail_image(&op.target_id, msg).await?;
                 self.store.finish_operation(&op.id, Some(msg)).await?;
+            } else {
+                self.recover_storage_operation(&op).await?;
             }
         }
         images::remove_stale_temp_files(&self.cfg.image_dir).await;

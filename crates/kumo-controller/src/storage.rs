@@ -6,8 +6,12 @@ use kumo_types::storage::{PoolHost, StoragePool, UpdateStoragePool};
 
 use crate::{Controller, OpError};
 
+mod backups;
 mod snapshots;
 mod volumes;
+
+/// The root disk's device in QEMU (volumes use their id).
+pub(crate) const ROOT_DEVICE: &str = "virtio-disk0";
 
 impl Controller {
     pub async fn storage_pools(&self) -> Result<Vec<StoragePool>, OpError> {
@@ -87,6 +91,30 @@ impl Controller {
             });
         }
         Ok(view)
+    }
+
+    /// A storage job whose controller died with it: the agent's job ran on or was lost, and
+    /// nobody recorded its end, so it failed (a backup without its record is not part of any
+    /// chain; the repository removes its file on the next run). Run it again.
+    pub(crate) async fn recover_storage_operation(
+        &self,
+        op: &kumo_store::OperationRow,
+    ) -> Result<(), OpError> {
+        let msg = "the controller restarted during the operation; run it again";
+        match op.kind.as_str() {
+            "backup" => self.store.finish_backup(&op.target_id, Err(msg)).await?,
+            "volume-copy" => self.store.volume_deleted(&op.target_id).await?,
+            "restore" if op.target_id.starts_with("vol-") => {
+                if let Ok(v) = self.store.volume(&Scope::system(), &op.target_id).await {
+                    if v.state == "creating" {
+                        self.store.volume_deleted(&v.id).await?;
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.store.finish_operation(&op.id, Some(msg)).await?;
+        Ok(())
     }
 
     /// An agent's storage error as the user should see it: its refusals of bad input (a copy

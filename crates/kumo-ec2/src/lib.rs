@@ -14,6 +14,7 @@ mod page;
 mod params;
 mod render;
 mod security;
+mod volumes;
 mod xml;
 
 use std::sync::Arc;
@@ -44,15 +45,6 @@ pub const MAX_INSTANCES: i64 = 20_000;
 /// Actions of the issue whose capability has not landed in kumo yet.
 const NOT_YET: &[&str] = &[
     "CreateImage",
-    "CreateVolume",
-    "DescribeVolumes",
-    "AttachVolume",
-    "DetachVolume",
-    "DeleteVolume",
-    "ModifyVolume",
-    "CreateSnapshot",
-    "DescribeSnapshots",
-    "DeleteSnapshot",
     "CreateSubnet",
     "DescribeSubnets",
     "DeleteSubnet",
@@ -102,6 +94,15 @@ pub const ACTIONS: &[&str] = &[
     "CreateVpc",
     "DescribeVpcs",
     "DeleteVpc",
+    "CreateVolume",
+    "DescribeVolumes",
+    "AttachVolume",
+    "DetachVolume",
+    "DeleteVolume",
+    "ModifyVolume",
+    "CreateSnapshot",
+    "DescribeSnapshots",
+    "DeleteSnapshot",
 ];
 
 /// Actions answered with UnsupportedOperation until their capability lands.
@@ -297,6 +298,15 @@ async fn dispatch(ctx: &Ctx<'_>, action: &str, p: Params) -> Result<String, Ec2E
         "CreateVpc" => addresses::create_vpc(ctx, p).await,
         "DescribeVpcs" => addresses::describe_vpcs(ctx, p).await,
         "DeleteVpc" => addresses::delete_vpc(ctx, p).await,
+        "CreateVolume" => volumes::create(ctx, p).await,
+        "DescribeVolumes" => volumes::describe(ctx, p).await,
+        "AttachVolume" => volumes::attach(ctx, p).await,
+        "DetachVolume" => volumes::detach(ctx, p).await,
+        "DeleteVolume" => volumes::delete(ctx, p).await,
+        "ModifyVolume" => volumes::modify(ctx, p).await,
+        "CreateSnapshot" => volumes::create_snapshot(ctx, p).await,
+        "DescribeSnapshots" => volumes::describe_snapshots(ctx, p).await,
+        "DeleteSnapshot" => volumes::delete_snapshot(ctx, p).await,
         a if NOT_YET.contains(&a) => Err(Ec2Error::UnsupportedOperation(format!(
             "The action {a} is not available in kumo yet; it arrives with its capability"
         ))),

@@ -413,6 +413,9 @@ impl QemuDriver {
             // Keep the concluded job (and its error) until we have read it.
             "auto-dismiss": false,
         });
+        if let Some(speed) = job.speed {
+            backup["speed"] = json!(speed);
+        }
         match &job.since_bitmap {
             None => backup["sync"] = json!("full"),
             Some(since) => {

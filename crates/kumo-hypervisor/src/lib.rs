@@ -244,6 +244,9 @@ pub struct BackupJob {
     /// `None`: full backup (`sync=full`); `Some(b)`: only what bitmap `b` marks (`sync=bitmap`,
     /// `bitmap-mode=never`, so `b` stays as it is).
     pub since_bitmap: Option<String>,
+    /// Copy at most this many bytes a second (`None`: as fast as the storage goes), so
+    /// backups do not starve the guests' own I/O.
+    pub speed: Option<u64>,
 }
 
 /// Outcome of a successful [`Hypervisor::backup_disk`].

@@ -273,6 +273,7 @@ fn job(target: &Path, new: &str, since: Option<&str>) -> BackupJob {
         target: target.to_path_buf(),
         new_bitmap: new.into(),
         since_bitmap: since.map(str::to_string),
+        speed: None,
     }
 }
 

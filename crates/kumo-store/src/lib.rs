@@ -43,8 +43,8 @@ pub use security::{
     PublicKey, SecurityGroupRow, SgRuleRow, DEFAULT_GROUP, MAX_GROUPS_PER_INSTANCE,
 };
 pub use storage::{
-    is_shared, Domain, DomainUsage, NewSnapshot, NewVolume, PoolRow, SnapshotRow, VolumeRow, GIB,
-    OVERCOMMIT_RANGE,
+    is_shared, BackupRow, Domain, DomainUsage, NewSchedule, NewSnapshot, NewVolume, PoolRow,
+    ScheduleRow, SnapshotRow, VolumeRow, GIB, OVERCOMMIT_RANGE,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -8,9 +8,11 @@ use sqlx::Row;
 
 use crate::{now_str, Result, Store, StoreError};
 
+mod backups;
 mod snapshots;
 mod volumes;
 
+pub use backups::{BackupRow, NewSchedule, ScheduleRow};
 pub use snapshots::{NewSnapshot, SnapshotRow};
 pub use volumes::{NewVolume, VolumeRow};
 

@@ -254,6 +254,9 @@ pub enum JobRequest {
         device: Option<String>,
         repository: String,
         incremental: bool,
+        /// Bytes a second (`None`: the host's default).
+        #[serde(default)]
+        rate: Option<u64>,
     },
     /// Make disk `id` from a backup (flattened).
     Restore {
@@ -271,4 +274,101 @@ pub enum JobRequest {
         dest: String,
         format: String,
     },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Backup {
+    pub id: String,
+    pub project_id: String,
+    /// `instance` (its root disk) or `volume`.
+    pub source_kind: String,
+    pub source_id: String,
+    /// `full` or `incremental` (empty while running).
+    pub kind: String,
+    /// The backup an incremental one builds on.
+    pub parent_id: Option<String>,
+    /// `running`, `completed` (copied and verified) or `failed`.
+    pub state: String,
+    /// Bytes this backup wrote (an incremental one: about what changed since its parent).
+    pub bytes_written: Option<u64>,
+    pub virtual_size: Option<u64>,
+    pub operation_id: Option<String>,
+    pub schedule_id: Option<String>,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct CreateBackup {
+    #[serde(default)]
+    pub instance: Option<String>,
+    #[serde(default)]
+    pub volume: Option<String>,
+    /// Start a new chain instead of an incremental backup.
+    #[serde(default)]
+    pub full: bool,
+    /// Copy at most this many MiB a second (default: the host's `--backup-rate`, else unlimited).
+    #[serde(default)]
+    pub rate_mib_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BackupWithOperation {
+    pub backup: Backup,
+    pub operation: crate::api::Operation,
+}
+
+/// Restore a backup: in place (the instance stopped, or the volume detached) or as something new.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct RestoreBackup {
+    /// Replace the source's disk with the backup's content.
+    #[serde(default)]
+    pub in_place: bool,
+    /// Otherwise: the name of the new instance (instance backups) or volume (volume backups).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// What a restore made or changed, and the operation that does it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RestoreResult {
+    pub operation: crate::api::Operation,
+    /// The new instance or volume (restores as new), or the source (in place).
+    pub target_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BackupSchedule {
+    pub id: String,
+    pub project_id: String,
+    pub source_kind: String,
+    pub source_id: String,
+    /// Cron, UTC: 5 fields (`min hour day month weekday`), or 6 with seconds first.
+    pub cron: String,
+    pub keep_last: u32,
+    pub keep_hourly: u32,
+    pub keep_daily: u32,
+    pub keep_weekly: u32,
+    pub next_run: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct CreateBackupSchedule {
+    #[serde(default)]
+    pub instance: Option<String>,
+    #[serde(default)]
+    pub volume: Option<String>,
+    pub cron: String,
+    /// Keep the newest N backups ...
+    #[serde(default)]
+    pub keep_last: u32,
+    /// ... and the newest of each of the last N hours, days, ISO weeks that have one.
+    #[serde(default)]
+    pub keep_hourly: u32,
+    #[serde(default)]
+    pub keep_daily: u32,
+    #[serde(default)]
+    pub keep_weekly: u32,
 }

@@ -14,7 +14,7 @@ use kumo_cli::{
     AddressCmd, AddressPoolCmd, Client, ClientConfig, HostCmd, ImageCmd, NetworkCmd,
     PlacementGroupCmd, VmCmd,
 };
-use kumo_cli::{KeyCmd, PoolCmd, SgCmd, SnapshotCmd, VolumeCmd};
+use kumo_cli::{BackupCmd, KeyCmd, PoolCmd, SgCmd, SnapshotCmd, VolumeCmd};
 
 #[derive(Parser)]
 #[command(
@@ -74,6 +74,9 @@ enum Cmd {
     /// Snapshots of instance root disks and volumes (live while they run).
     #[command(subcommand, alias = "snap")]
     Snapshot(SnapshotCmd),
+    /// Backups of instance root disks and volumes: full then incremental, scheduled, restorable.
+    #[command(subcommand)]
+    Backup(BackupCmd),
     /// Recent events from the journal.
     Events {
         #[arg(long, default_value_t = 50)]
@@ -154,6 +157,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Pool(c) => Ok(c.run(&client()?).await?),
         Cmd::Volume(c) => Ok(c.run(&client()?).await?),
         Cmd::Snapshot(c) => Ok(c.run(&client()?).await?),
+        Cmd::Backup(c) => Ok(c.run(&client()?).await?),
         Cmd::Events { limit } => {
             for e in client()?.events(limit).await? {
                 println!(

@@ -14,6 +14,10 @@ pub struct ServerArgs {
     /// Where the store and images live.
     #[arg(long, env = "KUMO_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The backup repository: a directory the controller and every host mount at the same
+    /// path, ideally on another machine (default DATA_DIR/backups).
+    #[arg(long)]
+    pub backup_dir: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:8780")]
     pub listen: SocketAddr,
     /// SigV4 region clients sign for.
@@ -161,6 +165,9 @@ pub struct AgentArgs {
     /// An existing bridge on the public network, for elastic IPs.
     #[arg(long)]
     pub public_bridge: Option<String>,
+    /// Limit each backup to this many MiB a second, so it does not starve the guests' I/O.
+    #[arg(long, value_name = "MIB_PER_S")]
+    pub backup_rate: Option<u64>,
 }
 
 pub(crate) fn parse_pool_kind(s: &str) -> Result<kumo_storage::pool::PoolKind, String> {
@@ -207,8 +214,12 @@ pub async fn open_controller(a: &ServerArgs) -> anyhow::Result<Bootstrapped> {
         .bootstrap(&a.default_cidr)
         .await
         .context("initialising the store")?;
+    let backup_dir = a.backup_dir.clone().unwrap_or_else(|| data.join("backups"));
+    std::fs::create_dir_all(&backup_dir)
+        .with_context(|| format!("creating {}", backup_dir.display()))?;
     let cfg = Config {
         image_dir,
+        backup_dir,
         heartbeat_timeout: Duration::from_secs(a.heartbeat_timeout),
         policy: a.policy.policy()?,
         default_network: "default".into(),
@@ -308,6 +319,7 @@ pub fn agent_config(a: &AgentArgs) -> kumo_agent::Config {
         tunnel_ip: a.tunnel_ip,
         trunk: a.trunk.clone(),
         public_bridge: a.public_bridge.clone(),
+        backup_rate: a.backup_rate.map(|m| m.saturating_mul(1 << 20)),
     }
 }
 

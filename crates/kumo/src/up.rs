@@ -169,6 +169,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     let data = a.data_dir.clone().unwrap_or_else(crate::default_data_dir);
     let sargs = ServerArgs {
         data_dir: Some(data.clone()),
+        backup_dir: None,
         listen: a.listen,
         region: "kumo".into(),
         heartbeat_timeout: 10,
@@ -227,6 +228,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         tunnel_ip: None,
         trunk: None,
         public_bridge: None,
+        backup_rate: None,
     };
     let agent = kumo_agent::start(server::agent_config(&aargs)).await?;
     ensure_demo_image(&ctl, &data).await?;

@@ -14,6 +14,9 @@ use kumo_types::storage::JobRequest;
 use crate::error::chain;
 use crate::{Agent, AgentError};
 
+/// The manifest's bitmap for a copy of a stopped disk: never one QEMU has.
+const OFFLINE_BITMAP: &str = "none";
+
 /// Share of a backup's progress for copying; the rest is verification.
 const COPY_SHARE: f64 = 0.8;
 
@@ -32,6 +35,7 @@ impl Agent {
                 device,
                 repository,
                 incremental,
+                rate,
             } => {
                 let repo = BackupRepo::open(Path::new(repository))?;
                 let size = self
@@ -56,6 +60,7 @@ impl Agent {
                             vm,
                             dev,
                             *incremental,
+                            rate.or(self.cfg.backup_rate),
                             job_id,
                             &progress,
                         )
@@ -82,7 +87,8 @@ impl Agent {
                                     copy,
                                 )
                                 .await?;
-                            Ok::<_, AgentError>(repo.finish(&prepared, "").await?)
+                            // No dirty bitmap tracks a stopped disk: the next backup is full.
+                            Ok::<_, AgentError>(repo.finish(&prepared, OFFLINE_BITMAP).await?)
                         }
                         .await;
                         match res {
@@ -142,6 +148,7 @@ impl Agent {
         vm: &str,
         device: &str,
         incremental: bool,
+        speed: Option<u64>,
         job_id: &str,
         progress: &kumo_storage::Progress,
     ) -> Result<kumo_storage::backup::BackupManifest, AgentError> {
@@ -165,6 +172,7 @@ impl Agent {
             target: prepared.target.clone(),
             new_bitmap: new_bitmap.clone(),
             since_bitmap: since.clone(),
+            speed,
         };
         let p = progress.clone();
         let jobs = &self.jobs;

@@ -3,6 +3,7 @@
 //! prerequisite is a failure, never a skip.
 
 mod api;
+mod backups;
 mod cloudinit;
 mod cluster;
 mod common;

@@ -129,6 +129,24 @@ pub async fn guest_sh(c: &Client, id: &str, cmd: &str) -> String {
     }
 }
 
+/// The guest's device (`vdb` ...) of a volume, found by its serial once the guest sees it.
+pub async fn guest_dev(c: &Client, vm: &str, volume: &str) -> String {
+    let serial = kumo_types::storage::volume_serial(volume);
+    let out = guest_until(
+        c,
+        vm,
+        "for s in /sys/block/vd*/serial; do echo DEV ${s#/sys/block/} $(cat $s); done",
+        |o| o.contains(&serial),
+    )
+    .await;
+    out.lines()
+        .find(|l| l.contains(&serial) && l.starts_with("DEV "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|p| p.split('/').next())
+        .unwrap_or_else(|| panic!("no device with serial {serial}: {out:?}"))
+        .to_string()
+}
+
 /// Poll a guest command until its output satisfies `ok`.
 pub async fn guest_until(c: &Client, id: &str, cmd: &str, ok: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + SLOW;
