@@ -279,6 +279,7 @@ impl Agent {
                 cmdline: None,
                 netns: None,
                 smbios_serial: None,
+                uuid: None,
             });
         }
         let root = self.root_disk(d).await?;
@@ -323,6 +324,7 @@ impl Agent {
             cmdline,
             netns: self.cfg.vm_netns.clone(),
             smbios_serial: Some(NOCLOUD_SEED.into()),
+            uuid: d.uuid.clone(),
         })
     }
 

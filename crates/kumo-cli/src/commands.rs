@@ -57,6 +57,12 @@ pub enum VmCmd {
         /// User data for the guest (e.g. a #cloud-config file), served by the metadata service.
         #[arg(long, value_name = "FILE")]
         user_data_file: Option<std::path::PathBuf>,
+        /// Keep an imported machine's NIC MAC address (P2V); must be unique among live instances.
+        #[arg(long)]
+        mac: Option<String>,
+        /// Keep an imported machine's SMBIOS UUID (P2V); must be unique among live instances.
+        #[arg(long)]
+        uuid: Option<String>,
         /// Create this many (named NAME-0, NAME-1 ...), placed in one step: all or none.
         #[arg(long, default_value_t = 1)]
         count: u32,
@@ -395,6 +401,8 @@ impl VmCmd {
                 security_groups,
                 key,
                 user_data_file,
+                mac,
+                uuid,
                 count,
                 wait,
                 idempotency_key,
@@ -423,6 +431,8 @@ impl VmCmd {
                     security_groups,
                     key_name: key,
                     user_data,
+                    mac,
+                    uuid,
                 };
                 if count != 1 {
                     return create_batch(client, req, count, wait, idempotency_key, output).await;

@@ -54,6 +54,26 @@ impl Controller {
                 "count must be 1 to {MAX_BATCH} and min_count 1 to count (got count {count}, min_count {min})"
             )));
         }
+        // An imported machine's identity, one machine at a time.
+        if let Some(m) = &req.mac {
+            if !kumo_types::id::valid_unicast_mac(&m.to_ascii_lowercase()) {
+                return Err(OpError::Invalid(format!(
+                    "mac {m:?}: a unicast MAC address like 52:54:00:12:34:56"
+                )));
+            }
+        }
+        if let Some(u) = &req.uuid {
+            if !kumo_types::id::valid_uuid(u) {
+                return Err(OpError::Invalid(format!(
+                    "uuid {u:?}: a UUID like 4c4c4544-0042-3510-8052-b4c04f4e4b32"
+                )));
+            }
+        }
+        if (req.mac.is_some() || req.uuid.is_some()) && count != 1 {
+            return Err(OpError::Invalid(
+                "a MAC or UUID belongs to one instance: create them one at a time".into(),
+            ));
+        }
         let snapshot = match &req.snapshot {
             Some(id) => Some(self.bootable_snapshot(scope, id, &req.image).await?),
             None => None,
@@ -149,6 +169,8 @@ impl Controller {
                     security_group_ids: security_group_ids.clone(),
                     key_name: key_name.clone(),
                     root_snapshot_id: snapshot.as_ref().map(|s| s.id.clone()),
+                    mac: req.mac.as_ref().map(|m| m.to_ascii_lowercase()),
+                    smbios_uuid: req.uuid.as_ref().map(|u| u.to_ascii_lowercase()),
                 }
             })
             .collect();

@@ -152,6 +152,7 @@ impl Controller {
             },
             root_snapshot: row.root_snapshot_id.clone(),
             volumes,
+            uuid: row.smbios_uuid.clone(),
         })
     }
 }

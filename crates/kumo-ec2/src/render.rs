@@ -250,6 +250,7 @@ mod tests {
             public_ip: None,
             ipv6: None,
             root_snapshot_id: None,
+            smbios_uuid: None,
             security_group_ids: vec![],
             key_name: None,
         }

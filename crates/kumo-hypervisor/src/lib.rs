@@ -102,6 +102,9 @@ pub struct VmSpec {
     /// SMBIOS system serial number: cloud-init reads `ds=nocloud-net;s=URL` from it (stock images
     /// then fetch their seed from the metadata service).
     pub smbios_serial: Option<String>,
+    /// SMBIOS system UUID (`-uuid`): an imported machine keeps its own.
+    #[serde(default)]
+    pub uuid: Option<String>,
 }
 
 /// Power state of a VM as the hypervisor sees it.
@@ -379,6 +382,16 @@ pub fn validate_spec(spec: &VmSpec) -> Result<(), HypervisorError> {
         ));
     }
     block::validate_disks(&spec.disks)?;
+    if let Some(u) = &spec.uuid {
+        let shape = u.len() == 36
+            && u.char_indices().all(|(i, c)| match i {
+                8 | 13 | 18 | 23 => c == '-',
+                _ => c.is_ascii_hexdigit(),
+            });
+        if !shape {
+            return invalid(format!("uuid {u:?} is not a UUID"));
+        }
+    }
     for (i, n) in spec.nics.iter().enumerate() {
         if !is_valid_mac(&n.mac) {
             return invalid(format!("nic {i}: bad MAC address {:?}", n.mac));
@@ -443,6 +456,7 @@ mod tests {
             cmdline: None,
             netns: None,
             smbios_serial: None,
+            uuid: None,
         }
     }
 

@@ -81,6 +81,9 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, run_dir: &Path) -> Vec<String> {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
     }
+    if let Some(uuid) = &spec.uuid {
+        push(&["-uuid", uuid]);
+    }
     if let Some(serial) = &spec.smbios_serial {
         push(&["-smbios", &format!("type=1,serial={}", opt(serial))]);
     }
@@ -1044,6 +1047,7 @@ mod tests {
             cmdline: Some("console=ttyS0 root=/dev/vda".into()),
             netns: None,
             smbios_serial: None,
+            uuid: None,
         }
     }
 

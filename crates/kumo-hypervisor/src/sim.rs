@@ -413,6 +413,7 @@ mod tests {
             cmdline: None,
             netns: None,
             smbios_serial: None,
+            uuid: None,
         }
     }
 

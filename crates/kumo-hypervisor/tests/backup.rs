@@ -254,6 +254,7 @@ async fn vm(work: &Path, tag: &str) -> Vm {
         cmdline: None,
         netns: None,
         smbios_serial: None,
+        uuid: None,
     };
     driver.start(&spec).await.unwrap();
     let qmp = driver.qmp(&id).await.unwrap();

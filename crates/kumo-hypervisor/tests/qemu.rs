@@ -92,6 +92,7 @@ fn spec(id: &str, disks: Vec<DiskSpec>) -> VmSpec {
         cmdline: None,
         netns: None,
         smbios_serial: None,
+        uuid: None,
     }
 }
 

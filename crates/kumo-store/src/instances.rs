@@ -59,6 +59,8 @@ pub struct InstanceRow {
     pub ipv6: Option<String>,
     /// The snapshot its root disk was made from (a booted snapshot or a hot clone).
     pub root_snapshot_id: Option<String>,
+    /// SMBIOS system UUID kept from an imported machine.
+    pub smbios_uuid: Option<String>,
 }
 
 /// Launch details the EC2 API records with a new instance; empty for the native API.
@@ -89,6 +91,9 @@ pub struct NewInstance {
     pub key_name: Option<String>,
     /// Make the root disk from this snapshot (checked to be the project's) instead of the image.
     pub root_snapshot_id: Option<String>,
+    /// Keep an imported machine's identity: its NIC's MAC (else a random one) and SMBIOS UUID.
+    pub mac: Option<String>,
+    pub smbios_uuid: Option<String>,
 }
 
 pub use crate::networks::NetworkRow;
@@ -101,7 +106,7 @@ pub struct Observation {
     pub error: Option<String>,
 }
 
-pub(crate) const COLS: &str = "id, project_id, name, image_id, instance_type, vcpus, memory_mib, disk_gib, state, desired, reboot_seq, host_id, network_id, mac, private_ip, generation, observed_generation, last_error, created_at, updated_at, terminated_at, user_data, reservation_id, launch_index, client_token, placement_group_id, requested_site, constraints, key_name, root_snapshot_id,
+pub(crate) const COLS: &str = "id, project_id, name, image_id, instance_type, vcpus, memory_mib, disk_gib, state, desired, reboot_seq, host_id, network_id, mac, private_ip, generation, observed_generation, last_error, created_at, updated_at, terminated_at, user_data, reservation_id, launch_index, client_token, placement_group_id, requested_site, constraints, key_name, root_snapshot_id, smbios_uuid,
     (SELECT group_concat(group_id, ' ' ORDER BY position) FROM instance_security_groups WHERE instance_id = instances.id) AS security_group_ids,
     (SELECT public_ip FROM addresses WHERE instance_id = instances.id) AS public_ip,
     (SELECT ipv6_cidr FROM networks WHERE id = instances.network_id) AS network_ipv6";
@@ -153,6 +158,7 @@ pub(crate) fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<InstanceRow> {
         )
         .map(|a| a.to_string()),
         root_snapshot_id: r.try_get("root_snapshot_id")?,
+        smbios_uuid: r.try_get("smbios_uuid")?,
     })
 }
 
@@ -346,9 +352,9 @@ impl Store {
                 .map_err(|_| StoreError::Corrupt("constraints"))?;
             let row = sqlx::query(&format!(
                 "INSERT INTO instances (id, project_id, name, image_id, instance_type, vcpus, memory_mib, disk_gib, state, desired, reboot_seq, host_id, network_id, mac, private_ip, generation, observed_generation, created_at, updated_at,
-                     user_data, reservation_id, launch_index, client_token, placement_group_id, requested_site, constraints, key_name, public_key, root_snapshot_id)
+                     user_data, reservation_id, launch_index, client_token, placement_group_id, requested_site, constraints, key_name, public_key, root_snapshot_id, smbios_uuid)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 'running', 0, $9, $10, $11, $12, 1, 0, $13, $13, $14, $15, $16, $17, $18, $19, $20,
-                     $21, (SELECT public_key FROM key_pairs WHERE project_id = $2 AND name = $21), $22)
+                     $21, (SELECT public_key FROM key_pairs WHERE project_id = $2 AND name = $21), $22, $23)
                  RETURNING {COLS}"
             ))
             .bind(new_id(IdKind::Instance))
@@ -361,7 +367,7 @@ impl Store {
             .bind(new.disk_gib as i64)
             .bind(&c.host_id)
             .bind(&c.network_id)
-            .bind(random_mac())
+            .bind(new.mac.clone().unwrap_or_else(random_mac))
             .bind(c.ip.map(|ip| ip.to_string()).unwrap_or_default())
             .bind(&now)
             .bind(&new.extras.user_data)
@@ -373,8 +379,19 @@ impl Store {
             .bind(constraints)
             .bind(&new.key_name)
             .bind(&new.root_snapshot_id)
+            .bind(&new.smbios_uuid)
             .fetch_one(&mut *tx)
-            .await?;
+            .await
+            .map_err(|e| {
+                crate::auth::unique_conflict(
+                    e,
+                    format!(
+                        "another live instance already has MAC {} or UUID {}",
+                        new.mac.as_deref().unwrap_or("(random)"),
+                        new.smbios_uuid.as_deref().unwrap_or("(none)")
+                    ),
+                )
+            })?;
             let mut row = from_row(&row)?;
             row.security_group_ids = crate::security::record_launch(
                 &mut tx,

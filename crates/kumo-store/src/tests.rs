@@ -44,6 +44,8 @@ fn new_instance(name: &str, image: &str, network: &str) -> NewInstance {
         security_group_ids: vec![],
         key_name: None,
         root_snapshot_id: None,
+        mac: None,
+        smbios_uuid: None,
     }
 }
 

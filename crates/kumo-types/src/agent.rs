@@ -27,6 +27,9 @@ pub struct VmDesired {
     /// Volumes attached to the VM (hot-plugged while it runs).
     #[serde(default)]
     pub volumes: Vec<crate::storage::VolumeDesired>,
+    /// SMBIOS system UUID an imported machine keeps.
+    #[serde(default)]
+    pub uuid: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -273,6 +273,12 @@ pub struct CreateInstance {
     /// User data for the guest (cloud-init), as text.
     #[serde(default)]
     pub user_data: Option<String>,
+    /// Keep an imported machine's NIC MAC address (P2V/V2V); unique among live instances.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// Keep an imported machine's SMBIOS system UUID; unique among live instances.
+    #[serde(default)]
+    pub uuid: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -151,3 +151,52 @@ mod tests {
         assert!(validate_name("ünicode").is_err());
     }
 }
+
+/// A UUID in its canonical text form (`8-4-4-4-12` hex digits), e.g. an SMBIOS system UUID.
+pub fn valid_uuid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() == 5
+        && parts
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// A unicast MAC address `aa:bb:cc:dd:ee:ff` (not multicast, not all zeros).
+pub fn valid_unicast_mac(s: &str) -> bool {
+    let bytes: Vec<u8> = s
+        .split(':')
+        .filter(|p| p.len() == 2)
+        .filter_map(|p| u8::from_str_radix(p, 16).ok())
+        .collect();
+    bytes.len() == 6 && s.len() == 17 && bytes[0] & 1 == 0 && bytes.iter().any(|b| *b != 0)
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::*;
+
+    #[test]
+    fn uuids_and_macs() {
+        assert!(valid_uuid("4c4c4544-0042-3510-8052-b4c04f4e4b32"));
+        for bad in [
+            "",
+            "4c4c4544-0042-3510-8052",
+            "4c4c4544-0042-3510-8052-b4c04f4e4b3g",
+            "x",
+        ] {
+            assert!(!valid_uuid(bad), "{bad}");
+        }
+        assert!(valid_unicast_mac("00:1b:21:3a:4f:52"));
+        assert!(valid_unicast_mac("02:00:00:00:00:01"));
+        for bad in [
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+            "00:1b:21:3a:4f",
+            "00-1b-21-3a-4f-52",
+            "0:1b:21:3a:4f:52:",
+        ] {
+            assert!(!valid_unicast_mac(bad), "{bad}");
+        }
+    }
+}

@@ -90,6 +90,8 @@ async fn vm(
         security_group_ids: vec![],
         key_name: None,
         root_snapshot_id: None,
+        mac: None,
+        smbios_uuid: None,
     };
     s.create_instance(scope, &new, |p, _| first_host(p)).await
 }

@@ -102,6 +102,8 @@ impl Env {
             security_group_ids: groups.iter().map(|g| g.to_string()).collect(),
             key_name: key.map(str::to_string),
             root_snapshot_id: None,
+            mac: None,
+            smbios_uuid: None,
         };
         let host = self.host.clone();
         self.s

@@ -16,6 +16,7 @@ mod images;
 mod ipv6;
 mod networks;
 mod openapi;
+mod p2v;
 mod placement;
 mod restart;
 mod security;
