@@ -21,6 +21,8 @@ pub enum Output {
     Json,
 }
 
+// Parsed once per process: the size of the create variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum VmCmd {
     /// Create an instance from an image.

@@ -255,15 +255,37 @@ impl Store {
         // Decide every placement in memory first; undo them all if the batch fails.
         let mut claims: Vec<Claim> = Vec::with_capacity(news.len());
         let mut failure = None;
+        // Root disks this batch adds to each storage pool so far.
+        let mut pending: HashMap<String, u64> = HashMap::new();
         for n in news {
             let net = &networks[&n.network_id];
-            let host = match place(&placement, n) {
-                Ok(i) => placement.hosts()[i].id.clone(),
+            let (host, reports_disk) = match place(&placement, n) {
+                Ok(i) => (
+                    placement.hosts()[i].id.clone(),
+                    placement.hosts()[i].disk_gib > 0,
+                ),
                 Err(reason) => {
                     failure = Some(StoreError::NoCapacity(reason));
                     break;
                 }
             };
+            // The pool's own limit (a shared pool is one capacity for all its hosts; volumes
+            // count too); hosts that report no storage (simulated ones) have none.
+            if reports_disk {
+                let domain = crate::Store::domain_of(&self.host(&host).await?);
+                let key = format!(
+                    "{}@{}",
+                    domain.pool,
+                    domain.host_id.clone().unwrap_or_default()
+                );
+                let bytes = n.disk_gib.saturating_mul(crate::GIB);
+                let before = pending.get(&key).copied().unwrap_or(0);
+                if let Err(e) = self.check_room(&domain, before.saturating_add(bytes)).await {
+                    failure = Some(e);
+                    break;
+                }
+                pending.insert(key, before.saturating_add(bytes));
+            }
             let ip = match placement.take_ip(self, net).await {
                 Ok(ip) => ip,
                 Err(e) => {

@@ -618,7 +618,8 @@ async fn vm_lifecycle_end_to_end() {
     for kind in [
         "QEMU",
         "tap",
-        "/vms/",
+        "/pool/disks/",
+        "layer ",
         "/run/",
         "/ledger/",
         ".dhcp-hosts mentions",

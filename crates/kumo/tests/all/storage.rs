@@ -303,6 +303,42 @@ async fn volumes_snapshots_and_clones() {
     };
     assert!(manifests().is_empty(), "{:?}", manifests());
 
+    step("thin provisioning: the operator's overcommit decides what fits");
+    let total = pools[0].total_bytes;
+    let big = (total + total / 2) / 512 * 512;
+    let r = create_volume(
+        c,
+        &CreateVolume {
+            size_bytes: Some(big),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(api_err(r, "1.5x the pool at overcommit 1").0, 507);
+    let set = |o: f64| async move {
+        let body = json!({ "overcommit": o });
+        c.request::<StoragePool>("PATCH", "/api/v1/storage-pools/local", Some(&body), None)
+            .await
+    };
+    assert_eq!(api_err(set(0.5).await, "overcommit below 1").0, 400);
+    let p = set(2.0).await.expect("set overcommit");
+    assert_eq!(p.limit_bytes, (total as f64 * 2.0) as u64);
+    let thin = create_volume(
+        c,
+        &CreateVolume {
+            size_bytes: Some(big),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("thin: fits at overcommit 2");
+    let p: StoragePool = c.get("/api/v1/storage-pools/local").await.expect("pool");
+    assert!(p.provisioned_bytes >= big, "{p:?}");
+    delete(c, &format!("/api/v1/volumes/{}", thin.id))
+        .await
+        .expect("delete thin volume");
+    set(1.0).await.expect("back to 1");
+
     step("create and hot-plug a volume into a");
     let v1 = create_volume(
         c,
@@ -585,6 +621,15 @@ async fn volumes_snapshots_and_clones() {
 
     step("another project sees and touches none of it");
     let other = crate::common::project_member(&cloud, "storage-other").await;
+    let r = other
+        .request::<StoragePool>(
+            "PATCH",
+            "/api/v1/storage-pools/local",
+            Some(&json!({ "overcommit": 20.0 })),
+            None,
+        )
+        .await;
+    assert_eq!(api_err(r, "a member changing a pool").0, 403);
     assert!(volumes(&other).await.is_empty());
     let snaps: Vec<Snapshot> = other
         .get::<kumo_types::api::Page<Snapshot>>("/api/v1/snapshots")
