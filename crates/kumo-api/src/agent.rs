@@ -1,7 +1,6 @@
 //! Endpoints agents call: register with a join token, heartbeat, fetch image content.
 //! Agents authenticate with `Authorization: Bearer <host-id>:<host-secret>`.
 
-use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
@@ -85,24 +84,13 @@ pub async fn image_content(
             format!("image {id} is {}", img.state),
         ));
     }
-    let file = tokio::fs::File::open(&img.path).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "InternalError",
-            format!("cannot open image file: {e}"),
-        )
-    })?;
-    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
-    Response::builder()
-        .header("content-type", "application/octet-stream")
-        .header("content-length", len)
-        .body(body)
+    crate::images::stream_file(std::path::Path::new(&img.path))
+        .await
         .map_err(|e| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "InternalError",
-                e.to_string(),
+                format!("cannot read image file: {e}"),
             )
         })
 }

@@ -150,3 +150,44 @@ pub async fn delete(
         st.ctl.delete_image(&c.scope(), &id).await?,
     )))
 }
+
+/// A file as a streamed `application/octet-stream` response.
+pub(crate) async fn stream_file(
+    path: &std::path::Path,
+) -> std::io::Result<axum::response::Response> {
+    let file = tokio::fs::File::open(path).await?;
+    let len = file.metadata().await?.len();
+    axum::response::Response::builder()
+        .header("content-type", "application/octet-stream")
+        .header("content-length", len)
+        .body(Body::from_stream(tokio_util::io::ReaderStream::new(file)))
+        .map_err(std::io::Error::other)
+}
+
+/// Export an image: download its (qcow2, or kernel/ramdisk) file.
+#[utoipa::path(get, path = "/api/v1/images/{id}/file", tag = "images", params(("id" = String, Path, description = "Image id or name")),
+    responses((status = 200, content_type = "application/octet-stream", description = "the image file as stored (disks: qcow2)"),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "not available yet")))]
+pub async fn download(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<axum::response::Response, ApiError> {
+    let img = st.ctl.store.image(&c.scope(), &id).await?;
+    if img.state != "available" {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "IncorrectState",
+            format!("image {} is {}", img.id, img.state),
+        ));
+    }
+    stream_file(std::path::Path::new(&img.path))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                format!("cannot read image {}: {e}", img.id),
+            )
+        })
+}

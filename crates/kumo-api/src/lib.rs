@@ -42,6 +42,7 @@ pub struct AppState {
         storage::list_pools, storage::show_pool, storage::update_pool, storage::list_volumes, storage::create_volume, storage::show_volume,
         storage::delete_volume, storage::attach_volume, storage::detach_volume, storage::resize_volume, storage::copy_volume,
         storage::list_snapshots, storage::create_snapshot, storage::show_snapshot, storage::delete_snapshot, storage::clone_instance,
+        storage::export_volume, storage::export_snapshot, storage::download_export, images::download,
         backups::list, backups::create, backups::show, backups::delete, backups::verify, backups::restore,
         backups::list_schedules, backups::create_schedule, backups::delete_schedule,
     ),
@@ -55,7 +56,8 @@ pub struct AppState {
         kumo_types::storage::CopyVolume, kumo_types::storage::Snapshot, kumo_types::storage::CreateSnapshot, kumo_types::storage::CloneInstance,
         kumo_types::storage::CloneResult, kumo_types::storage::Backup, kumo_types::storage::CreateBackup,
         kumo_types::storage::BackupWithOperation, kumo_types::storage::RestoreBackup, kumo_types::storage::RestoreResult,
-        kumo_types::storage::BackupSchedule, kumo_types::storage::CreateBackupSchedule)),
+        kumo_types::storage::BackupSchedule, kumo_types::storage::CreateBackupSchedule,
+        kumo_types::storage::ExportDisk, kumo_types::storage::ExportResult)),
     tags((name = "instances"), (name = "images"), (name = "hosts"), (name = "placement-groups"), (name = "security-groups"), (name = "key-pairs"), (name = "networks"), (name = "addresses"), (name = "storage"), (name = "operations"), (name = "events"), (name = "auth"))
 )]
 pub struct ApiDoc;
@@ -214,6 +216,13 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/backups/{id}",
             get(backups::show).delete(backups::delete),
         )
+        .route("/api/v1/volumes/{id}/export", post(storage::export_volume))
+        .route(
+            "/api/v1/snapshots/{id}/export",
+            post(storage::export_snapshot),
+        )
+        .route("/api/v1/exports/{file}", get(storage::download_export))
+        .route("/api/v1/images/{id}/file", get(images::download))
         .route("/api/v1/backups/{id}/verify", post(backups::verify))
         .route("/api/v1/backups/{id}/restore", post(backups::restore))
         .route(

@@ -6,8 +6,8 @@ use axum::{Extension, Json};
 use kumo_store::{SnapshotRow, VolumeRow};
 use kumo_types::api::{ErrorBody, Operation, Page};
 use kumo_types::storage::{
-    AttachVolume, CloneInstance, CloneResult, CopyVolume, CreateSnapshot, CreateVolume,
-    ResizeVolume, Snapshot, StoragePool, UpdateStoragePool, Volume,
+    AttachVolume, CloneInstance, CloneResult, CopyVolume, CreateSnapshot, CreateVolume, ExportDisk,
+    ExportResult, ResizeVolume, Snapshot, StoragePool, UpdateStoragePool, Volume,
 };
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -278,4 +278,109 @@ pub async fn clone_instance(
             snapshot: snapshot(snap),
         }),
     ))
+}
+
+#[utoipa::path(post, path = "/api/v1/volumes/{id}/export", tag = "storage", params(("id" = String, Path, description = "Volume id or name")),
+    request_body = ExportDisk,
+    responses((status = 202, body = ExportResult, description = "exporting: download the file once the operation succeeded"),
+        (status = 400, body = ErrorBody, description = "unknown format"), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "attached to a running instance (export a snapshot of it)")))]
+pub async fn export_volume(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<ExportDisk>,
+) -> Result<(StatusCode, Json<ExportResult>), ApiError> {
+    let (op, file) = st
+        .ctl
+        .export_disk(&c.scope(), &id, false, &req.format)
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(ExportResult {
+            operation: convert::operation(op),
+            file,
+        }),
+    ))
+}
+
+#[utoipa::path(post, path = "/api/v1/snapshots/{id}/export", tag = "storage", params(("id" = String, Path, description = "Snapshot id")),
+    request_body = ExportDisk,
+    responses((status = 202, body = ExportResult, description = "exporting: download the file once the operation succeeded"),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn export_snapshot(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<ExportDisk>,
+) -> Result<(StatusCode, Json<ExportResult>), ApiError> {
+    let (op, file) = st
+        .ctl
+        .export_disk(&c.scope(), &id, true, &req.format)
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(ExportResult {
+            operation: convert::operation(op),
+            file,
+        }),
+    ))
+}
+
+/// An export file's name: `<id>.<format>`, nothing that could leave the project's directory.
+fn export_name_ok(name: &str) -> bool {
+    match name.rsplit_once('.') {
+        Some((id, fmt)) => {
+            kumo_controller::EXPORT_FORMATS.contains(&fmt)
+                && !id.is_empty()
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        }
+        None => false,
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/exports/{file}", tag = "storage", params(("file" = String, Path, description = "The export's file name (`<id>.<format>`)")),
+    responses((status = 200, content_type = "application/octet-stream", description = "the exported disk"),
+        (status = 404, body = ErrorBody)))]
+pub async fn download_export(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiPath(file): ApiPath<String>,
+) -> Result<axum::response::Response, ApiError> {
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("export {file} not found (is its operation finished?)"),
+        )
+    };
+    if !export_name_ok(&file) {
+        return Err(not_found());
+    }
+    let path = st.ctl.export_dir(&c.scope().project_id).join(&file);
+    crate::images::stream_file(&path)
+        .await
+        .map_err(|_| not_found())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn export_names_stay_in_their_directory() {
+        assert!(super::export_name_ok("vol-0123456789abcdef0.raw"));
+        assert!(super::export_name_ok("snap-0123456789abcdef0.vmdk"));
+        for bad in [
+            "../x.raw",
+            "vol-1.exe",
+            "vol-1",
+            ".raw",
+            "a/b.raw",
+            "VOL.raw",
+            "vol-1.raw/",
+        ] {
+            assert!(!super::export_name_ok(bad), "{bad}");
+        }
+    }
 }

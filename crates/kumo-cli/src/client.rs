@@ -25,7 +25,7 @@ pub struct ImageWithOperation {
 #[derive(Clone)]
 pub struct Client {
     pub cfg: ClientConfig,
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
 }
 
 impl Client {
@@ -550,7 +550,7 @@ fn api_error(status: u16, body: &str) -> ClientError {
     }
 }
 
-async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, ClientError> {
+pub(crate) async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, ClientError> {
     let status = resp.status();
     let body = resp
         .text()

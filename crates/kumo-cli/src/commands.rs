@@ -160,6 +160,14 @@ pub struct Action {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCmd {
+    /// Download an image's file (disks are stored as qcow2).
+    Export {
+        /// Image id or name.
+        id: String,
+        /// The file to write (must not exist).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     #[command(alias = "ls")]
     List {
         #[arg(short, long, value_enum, default_value_t)]
@@ -586,6 +594,18 @@ impl VmCmd {
 impl ImageCmd {
     pub async fn run(self, client: &Client) -> Result<(), ClientError> {
         match self {
+            ImageCmd::Export { id, out } => {
+                if out.exists() {
+                    return Err(ClientError::Config(format!(
+                        "{} exists; choose another --out",
+                        out.display()
+                    )));
+                }
+                let n = client
+                    .download(&format!("/api/v1/images/{id}/file"), &out)
+                    .await?;
+                println!("{id} written to {} ({n} bytes)", out.display());
+            }
             ImageCmd::List { output } => {
                 let list = client.images().await?;
                 if output == Output::Json {

@@ -2,6 +2,7 @@
 //! block volumes, snapshots and hot clones, and the client calls behind them.
 
 mod backups;
+mod export;
 mod size;
 mod volumes;
 
@@ -234,6 +235,16 @@ pub enum SnapshotCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Write a snapshot to a local file (qcow2, raw, vmdk or vdi), with a progress bar.
+    Export {
+        /// Snapshot id.
+        id: String,
+        #[arg(long, default_value = "qcow2")]
+        format: String,
+        /// The file to write (must not exist).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Show one snapshot.
     Show {
         /// Snapshot id.
@@ -418,6 +429,9 @@ impl PoolCmd {
 impl SnapshotCmd {
     pub async fn run(self, client: &Client) -> Result<(), ClientError> {
         match self {
+            SnapshotCmd::Export { id, format, out } => {
+                export::export_to(client, "snapshots", &id, &format, &out).await?
+            }
             SnapshotCmd::Create {
                 instance,
                 volume,

@@ -23,6 +23,7 @@ pub use error::OpError;
 pub use hosts::HeartbeatResponse;
 pub use instances::{DEFAULT_TYPE, MAX_BATCH};
 use kumo_store::{NewEvent, Store};
+pub use storage::EXPORT_FORMATS;
 use tokio::sync::Notify;
 
 #[derive(Debug, Clone)]

@@ -7,6 +7,9 @@ use kumo_types::storage::{PoolHost, StoragePool, UpdateStoragePool};
 use crate::{Controller, OpError};
 
 mod backups;
+mod exports;
+
+pub use exports::EXPORT_FORMATS;
 mod snapshots;
 mod volumes;
 

@@ -372,3 +372,16 @@ pub struct CreateBackupSchedule {
     #[serde(default)]
     pub keep_weekly: u32,
 }
+
+/// Export a volume or snapshot to a file (`qcow2`, `raw`, `vmdk` or `vdi`), then download it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExportDisk {
+    pub format: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExportResult {
+    pub operation: crate::api::Operation,
+    /// Download it from `/api/v1/exports/{file}` once the operation succeeded.
+    pub file: String,
+}

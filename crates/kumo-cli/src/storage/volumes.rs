@@ -17,6 +17,17 @@ const POLL: Duration = Duration::from_millis(300);
 
 #[derive(Debug, Subcommand)]
 pub enum VolumeCmd {
+    /// Write a volume to a local file (qcow2, raw, vmdk or vdi), with a progress bar. Detach it
+    /// (or stop its instance) first, or export a snapshot of it.
+    Export {
+        /// Volume id or name.
+        id: String,
+        #[arg(long, default_value = "qcow2")]
+        format: String,
+        /// The file to write (must not exist).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Create a volume: blank (--size) or from a snapshot (--snapshot).
     ///
     /// A volume made from a snapshot is copy-on-write: instant whatever its size.
@@ -277,6 +288,9 @@ fn summary(v: &Volume) -> String {
 impl VolumeCmd {
     pub async fn run(self, client: &Client) -> Result<(), ClientError> {
         match self {
+            VolumeCmd::Export { id, format, out } => {
+                super::export::export_to(client, "volumes", &id, &format, &out).await?
+            }
             VolumeCmd::Create {
                 name,
                 size,

@@ -619,8 +619,72 @@ async fn volumes_snapshots_and_clones() {
         (101 * MIB + 512, "available")
     );
 
+    step("export a volume, a snapshot and an image, and download them");
+    assert_eq!(
+        api_err(
+            c.export_disk("volumes", &v3.id, "exe").await,
+            "unknown format"
+        )
+        .0,
+        400
+    );
+    let ex = c
+        .export_disk("volumes", &v3.id, "raw")
+        .await
+        .expect("export");
+    assert_eq!(wait_operation(c, &ex.operation.id).await.state, "succeeded");
+    let out = cloud.dir.path().join("v3.raw");
+    let n = c
+        .download(&format!("/api/v1/exports/{}", ex.file), &out)
+        .await
+        .expect("download");
+    assert_eq!(n, v3.size_bytes, "raw export: exactly the volume's size");
+    let head = std::fs::read(&out).expect("read export");
+    assert!(
+        head.starts_with(mark.as_bytes()),
+        "the export holds the volume's data"
+    );
+    let _ = std::fs::remove_file(&out);
+    let ex = c
+        .export_disk("snapshots", &vsnap.id, "qcow2")
+        .await
+        .expect("export snapshot");
+    assert_eq!(wait_operation(c, &ex.operation.id).await.state, "succeeded");
+    let out = cloud.dir.path().join("snap.qcow2");
+    c.download(&format!("/api/v1/exports/{}", ex.file), &out)
+        .await
+        .expect("download snapshot");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&out)
+        .output()
+        .expect("qemu-img info");
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("info json");
+    assert_eq!(info["virtual-size"], json!(128 * MIB));
+    assert!(
+        info.get("backing-filename").is_none(),
+        "an export stands alone"
+    );
+    let _ = std::fs::remove_file(&out);
+    let out = cloud.dir.path().join("demo.qcow2");
+    c.download("/api/v1/images/demo/file", &out)
+        .await
+        .expect("download image");
+    assert!(std::fs::metadata(&out).expect("image file").len() > 0);
+    let _ = std::fs::remove_file(&out);
+
     step("another project sees and touches none of it");
     let other = crate::common::project_member(&cloud, "storage-other").await;
+    assert_eq!(
+        api_err(other.export_disk("volumes", &v1.id, "raw").await, "export").0,
+        404
+    );
+    let stolen = cloud.dir.path().join("stolen.raw");
+    let r = other
+        .download(&format!("/api/v1/exports/{}.raw", v3.id), &stolen)
+        .await;
+    assert_eq!(api_err(r, "download another project's export").0, 404);
+    assert!(!stolen.exists());
     let r = other
         .request::<StoragePool>(
             "PATCH",
