@@ -20,6 +20,7 @@ mod p2v;
 mod placement;
 mod restart;
 mod security;
+mod shared_pool;
 mod sim;
 mod storage;
 mod tenant;
