@@ -42,7 +42,7 @@ pub struct AppState {
         storage::list_pools, storage::show_pool, storage::update_pool, storage::list_volumes, storage::create_volume, storage::show_volume,
         storage::delete_volume, storage::attach_volume, storage::detach_volume, storage::resize_volume, storage::copy_volume,
         storage::list_snapshots, storage::create_snapshot, storage::show_snapshot, storage::delete_snapshot, storage::clone_instance,
-        storage::export_volume, storage::export_snapshot, storage::download_export, images::download,
+        storage::export_volume, storage::export_snapshot, storage::image_from_snapshot, storage::download_export, images::download,
         backups::list, backups::create, backups::show, backups::delete, backups::verify, backups::restore,
         backups::list_schedules, backups::create_schedule, backups::delete_schedule,
     ),
@@ -57,7 +57,7 @@ pub struct AppState {
         kumo_types::storage::CloneResult, kumo_types::storage::Backup, kumo_types::storage::CreateBackup,
         kumo_types::storage::BackupWithOperation, kumo_types::storage::RestoreBackup, kumo_types::storage::RestoreResult,
         kumo_types::storage::BackupSchedule, kumo_types::storage::CreateBackupSchedule,
-        kumo_types::storage::ExportDisk, kumo_types::storage::ExportResult)),
+        kumo_types::storage::ExportDisk, kumo_types::storage::ExportResult, storage::ImageFromSnapshot)),
     tags((name = "instances"), (name = "images"), (name = "hosts"), (name = "placement-groups"), (name = "security-groups"), (name = "key-pairs"), (name = "networks"), (name = "addresses"), (name = "storage"), (name = "operations"), (name = "events"), (name = "auth"))
 )]
 pub struct ApiDoc;
@@ -220,6 +220,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/snapshots/{id}/export",
             post(storage::export_snapshot),
+        )
+        .route(
+            "/api/v1/snapshots/{id}/image",
+            post(storage::image_from_snapshot),
         )
         .route("/api/v1/exports/{file}", get(storage::download_export))
         .route("/api/v1/images/{id}/file", get(images::download))

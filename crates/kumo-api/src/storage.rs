@@ -384,3 +384,31 @@ mod tests {
         }
     }
 }
+
+#[derive(Debug, serde::Deserialize, ToSchema)]
+pub struct ImageFromSnapshot {
+    pub name: String,
+}
+
+#[utoipa::path(post, path = "/api/v1/snapshots/{id}/image", tag = "storage", params(("id" = String, Path, description = "Snapshot id")),
+    request_body = ImageFromSnapshot,
+    responses((status = 202, body = crate::images::ImageWithOperation, description = "the image (`pending`) and the operation that exports and imports it"),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn image_from_snapshot(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<ImageFromSnapshot>,
+) -> Result<(StatusCode, Json<crate::images::ImageWithOperation>), ApiError> {
+    let (img, op) = st
+        .ctl
+        .image_from_snapshot(&c.scope(), &id, &req.name)
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(crate::images::ImageWithOperation {
+            image: convert::image(img),
+            operation: convert::operation(op),
+        }),
+    ))
+}

@@ -235,6 +235,14 @@ pub enum SnapshotCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Make an image from a snapshot (an instance snapshot boots like its instance).
+    Image {
+        /// Snapshot id.
+        id: String,
+        /// The new image's name.
+        #[arg(long)]
+        name: String,
+    },
     /// Write a snapshot to a local file (qcow2, raw, vmdk or vdi), with a progress bar.
     Export {
         /// Snapshot id.
@@ -429,6 +437,16 @@ impl PoolCmd {
 impl SnapshotCmd {
     pub async fn run(self, client: &Client) -> Result<(), ClientError> {
         match self {
+            SnapshotCmd::Image { id, name } => {
+                let r: crate::ImageWithOperation = client
+                    .post(
+                        &format!("/api/v1/snapshots/{id}/image"),
+                        &serde_json::json!({ "name": name }),
+                    )
+                    .await?;
+                crate::commands::follow_operation(client, &r.operation.id).await?;
+                println!("{} {} made from {id}", r.image.id, r.image.name);
+            }
             SnapshotCmd::Export { id, format, out } => {
                 export::export_to(client, "snapshots", &id, &format, &out).await?
             }

@@ -46,11 +46,11 @@ pub(crate) async fn remove_stale_temp_files(dir: &Path) {
 }
 
 impl Controller {
-    fn image_path(&self, id: &str) -> PathBuf {
+    pub(crate) fn image_path(&self, id: &str) -> PathBuf {
         self.cfg.image_dir.join(id)
     }
 
-    async fn new_image_row(
+    pub(crate) async fn new_image_row(
         &self,
         scope: &Scope,
         kind: ImageKind,
@@ -68,7 +68,7 @@ impl Controller {
             .await?)
     }
 
-    fn progress_writer(&self, op_id: &str) -> Progress {
+    pub(crate) fn progress_writer(&self, op_id: &str) -> Progress {
         // Progress arrives many times a second; write it at most twice a second.
         let store = self.store.clone();
         let op = op_id.to_string();
@@ -202,7 +202,7 @@ impl Controller {
         Ok((img, op))
     }
 
-    async fn finish_import(
+    pub(crate) async fn finish_import(
         &self,
         img: &ImageRow,
         op_id: &str,

@@ -93,3 +93,86 @@ impl Controller {
         Ok((op, file))
     }
 }
+
+impl Controller {
+    /// An image made from a snapshot: the snapshot exported as qcow2 by its host into the shared
+    /// directory, then imported like any image (validated, stored, checksummed). An instance
+    /// snapshot's image boots like its source (same kernel, ramdisk and command line).
+    pub async fn image_from_snapshot(
+        &self,
+        scope: &Scope,
+        snapshot_id: &str,
+        name: &str,
+    ) -> Result<(kumo_store::ImageRow, OperationRow), OpError> {
+        let snap = self.store.snapshot(scope, snapshot_id).await?;
+        if snap.state != "completed" {
+            return Err(OpError::IncorrectState(format!(
+                "snapshot {} is {}",
+                snap.id, snap.state
+            )));
+        }
+        let source = match &snap.image_id {
+            Some(i) => Some(self.store.image_unscoped(i).await?),
+            None => None,
+        };
+        let host = self.storage_host(&snap.domain(), None).await?;
+        let img = self
+            .new_image_row(
+                scope,
+                kumo_storage::ImageKind::Disk,
+                kumo_store::NewImage {
+                    name: name.to_string(),
+                    kind: "disk".into(),
+                    public: false,
+                    kernel_id: source.as_ref().and_then(|s| s.kernel_id.clone()),
+                    ramdisk_id: source.as_ref().and_then(|s| s.ramdisk_id.clone()),
+                    cmdline: source.as_ref().and_then(|s| s.cmdline.clone()),
+                },
+            )
+            .await?;
+        let op = self
+            .store
+            .create_operation(&img.project_id, "image-from-snapshot", &img.id)
+            .await?;
+        let dir = self.export_dir(&snap.project_id);
+        let dest = dir.join(format!("{}.qcow2", img.id));
+        let job = JobRequest::Export {
+            disk: None,
+            snapshot: Some(snap.id.clone()),
+            dest: dest.display().to_string(),
+            format: "qcow2".into(),
+        };
+        let me = self.clone();
+        let (img2, op2) = (img.clone(), op.clone());
+        tokio::spawn(async move {
+            let exported = async {
+                tokio::fs::create_dir_all(&dir)
+                    .await
+                    .map_err(|e| OpError::Internal(format!("creating {}: {e}", dir.display())))?;
+                me.run_job_within(&host, &job, &op2.id, (0.0, 0.5)).await
+            }
+            .await;
+            let res = match exported {
+                Ok(_) => {
+                    let p = me.progress_writer(&op2.id);
+                    let half: kumo_storage::Progress =
+                        std::sync::Arc::new(move |f| p(0.5 + f / 2.0));
+                    kumo_storage::import_file(
+                        &dest,
+                        &me.image_path(&img2.id),
+                        kumo_storage::ImageKind::Disk,
+                        Some("qcow2"),
+                        half,
+                    )
+                    .await
+                }
+                Err(e) => Err(kumo_storage::StorageError::InvalidArgument(format!(
+                    "exporting snapshot: {e}"
+                ))),
+            };
+            let _ = tokio::fs::remove_file(&dest).await;
+            me.finish_import(&img2, &op2.id, res).await;
+        });
+        Ok((img, op))
+    }
+}

@@ -344,6 +344,17 @@ impl Controller {
         job: &JobRequest,
         op_id: &str,
     ) -> Result<Option<serde_json::Value>, OpError> {
+        self.run_job_within(host, job, op_id, (0.0, 1.0)).await
+    }
+
+    /// [`Controller::run_job`] reporting the job's progress as `lo..hi` of the operation's.
+    pub(crate) async fn run_job_within(
+        &self,
+        host: &kumo_store::HostRow,
+        job: &JobRequest,
+        op_id: &str,
+        (lo, hi): (f64, f64),
+    ) -> Result<Option<serde_json::Value>, OpError> {
         let started = self
             .agents()
             .start_job(host, job)
@@ -372,7 +383,10 @@ impl Controller {
             failures = 0;
             if (j.progress - last).abs() >= 0.01 {
                 last = j.progress;
-                let _ = self.store.set_operation_progress(op_id, j.progress).await;
+                let _ = self
+                    .store
+                    .set_operation_progress(op_id, lo + (hi - lo) * j.progress)
+                    .await;
             }
             match j.state.as_str() {
                 "running" => continue,

@@ -183,9 +183,13 @@ pub async fn boot_as(
 }
 
 pub fn vm(name: &str) -> CreateInstance {
+    vm_of(name, "demo")
+}
+
+pub fn vm_of(name: &str, image: &str) -> CreateInstance {
     CreateInstance {
         name: name.into(),
-        image: "demo".into(),
+        image: image.into(),
         instance_type: Some("t1.micro".into()),
         ..Default::default()
     }
@@ -495,6 +499,25 @@ async fn volumes_snapshots_and_clones() {
         "the restored VM continues from the snapshot ({n_s}), behind the original ({a_now}): {first}"
     );
     assert_eq!(cloud.qemu_pids_for(&a.id), a_pid, "a never stopped");
+    // An image made from the snapshot boots like it too.
+    let made: kumo_cli::ImageWithOperation = c
+        .post(
+            &format!("/api/v1/snapshots/{}/image", snap.id),
+            &json!({ "name": "before-the-mistake" }),
+        )
+        .await
+        .expect("image from snapshot");
+    assert_eq!(
+        wait_operation(c, &made.operation.id).await.state,
+        "succeeded"
+    );
+    let from_image = boot(&cloud, vm_of("from-image", "before-the-mistake")).await;
+    let fi_first = counter_above(&cloud, from_image.private_ip.as_deref().expect("ip"), 0).await;
+    assert!(
+        fi_first > n_s,
+        "the image holds the snapshot's data: {fi_first} > {n_s}"
+    );
+    c.terminate(&from_image.id).await.expect("terminate");
     let r = delete(c, &format!("/api/v1/snapshots/{}", snap.id)).await;
     assert_eq!(
         api_err(r, "delete a snapshot an instance is made from").0,
