@@ -219,8 +219,29 @@ impl Agent {
                 })
             }
             Err(e) => {
-                if let Err(e2) = self.pool.abort_snapshot(&plan).await {
-                    tracing::warn!(error = %chain(&e2), "could not remove a failed snapshot's overlay");
+                // A transaction that timed out (or whose QMP link broke) may have switched the
+                // disk anyway: ask QEMU which file it writes before touching the overlay.
+                match self.hv.attached_disks(vm).await {
+                    Ok(disks) => {
+                        let active = disks.iter().find(|d| &d.device_id == device);
+                        if active.is_some_and(|d| d.file == plan.overlay) {
+                            let s = self.pool.commit_snapshot(&plan).await?;
+                            tracing::warn!(vm = %vm, snapshot = %s.id, error = %chain(&e), "the snapshot command failed but QEMU switched: recorded");
+                            return Ok(SnapshotTaken {
+                                snapshot_id: s.id,
+                                size_bytes: s.size,
+                                io_pause_ms: None,
+                            });
+                        }
+                        if let Err(e2) = self.pool.abort_snapshot(&plan).await {
+                            tracing::warn!(error = %chain(&e2), "could not remove a failed snapshot's overlay");
+                        }
+                    }
+                    // Unknown: the overlay may hold the guest's writes; keep it (the plan
+                    // stays pending in the pool's record, which its GC respects).
+                    Err(e2) => {
+                        tracing::error!(vm = %vm, error = %chain(&e2), "snapshot outcome unknown; its overlay is kept")
+                    }
                 }
                 Err(e.into())
             }

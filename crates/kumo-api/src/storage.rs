@@ -60,20 +60,42 @@ pub struct VolumeWithOperation {
 
 #[utoipa::path(get, path = "/api/v1/storage-pools", tag = "storage",
     responses((status = 200, body = Page<StoragePool>, description = "every pool with its hosts, capacity and provisioned bytes")))]
-pub async fn list_pools(State(st): State<AppState>) -> Result<Json<Page<StoragePool>>, ApiError> {
+pub async fn list_pools(
+    State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
+) -> Result<Json<Page<StoragePool>>, ApiError> {
+    let admin = c.scope().admin;
     Ok(Json(Page {
-        items: st.ctl.storage_pools().await?,
+        items: st
+            .ctl
+            .storage_pools()
+            .await?
+            .into_iter()
+            .map(|p| for_caller(p, admin))
+            .collect(),
         next_cursor: None,
     }))
+}
+
+/// Members see a pool's name, kind and room, not the hosts behind it (like `/hosts`).
+fn for_caller(mut p: StoragePool, admin: bool) -> StoragePool {
+    if !admin {
+        p.hosts.clear();
+    }
+    p
 }
 
 #[utoipa::path(get, path = "/api/v1/storage-pools/{name}", tag = "storage", params(("name" = String, Path, description = "Pool name")),
     responses((status = 200, body = StoragePool), (status = 404, body = ErrorBody)))]
 pub async fn show_pool(
     State(st): State<AppState>,
+    Extension(c): Extension<Caller>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<StoragePool>, ApiError> {
-    Ok(Json(st.ctl.storage_pool(&name).await?))
+    Ok(Json(for_caller(
+        st.ctl.storage_pool(&name).await?,
+        c.scope().admin,
+    )))
 }
 
 #[utoipa::path(patch, path = "/api/v1/storage-pools/{name}", tag = "storage", params(("name" = String, Path, description = "Pool name")),

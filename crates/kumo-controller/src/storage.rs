@@ -141,6 +141,18 @@ impl Controller {
         }
     }
 
+    /// A host that must be the one (a running VM's): refused unless it is up.
+    pub(crate) async fn up_host(&self, id: &str) -> Result<HostRow, OpError> {
+        let host = self.store.host(id).await?;
+        if host.state != "up" {
+            return Err(OpError::Unavailable(format!(
+                "host {} is {}",
+                host.name, host.state
+            )));
+        }
+        Ok(host)
+    }
+
     /// The host that works on a disk of this domain: its own host, or for a shared pool the
     /// preferred host if given and up, else any up host of the pool.
     pub(crate) async fn storage_host(

@@ -123,7 +123,10 @@ fn check_target(target: &Path) -> Result<String, HypervisorError> {
 struct DiskNode {
     node: String,
     driver: String,
+    /// Usable bitmaps.
     bitmaps: Vec<String>,
+    /// Persistent bitmaps QEMU found unclean after a crash: they cannot be used.
+    inconsistent: Vec<String>,
 }
 
 async fn find_node(qmp: &Qmp, id: &str, device_id: &str) -> Result<DiskNode, HypervisorError> {
@@ -148,18 +151,21 @@ async fn find_node(qmp: &Qmp, id: &str, device_id: &str) -> Result<DiskNode, Hyp
             "disk device {device_id:?} of VM {id} has no medium"
         )));
     };
-    let bitmaps = inserted["dirty-bitmaps"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|b| b["name"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    let (mut bitmaps, mut inconsistent) = (vec![], vec![]);
+    for b in inserted["dirty-bitmaps"].as_array().into_iter().flatten() {
+        if let Some(name) = b["name"].as_str() {
+            if b["inconsistent"].as_bool() == Some(true) {
+                inconsistent.push(name.to_string());
+            } else {
+                bitmaps.push(name.to_string());
+            }
+        }
+    }
     Ok(DiskNode {
         node: node.to_string(),
         driver: inserted["drv"].as_str().unwrap_or_default().to_string(),
         bitmaps,
+        inconsistent,
     })
 }
 
@@ -501,7 +507,14 @@ impl QemuDriver {
         validate_id(id)?;
         check_name("device id", device_id)?;
         let qmp = self.qmp(id).await?;
-        Ok(find_node(&qmp, id, device_id).await?.bitmaps)
+        let disk = find_node(&qmp, id, device_id).await?;
+        // A bitmap left unclean by a QEMU crash can never be used again: drop it, so that the
+        // caller sees it missing and takes a full backup.
+        for name in &disk.inconsistent {
+            tracing::warn!(%id, device = %device_id, bitmap = %name, "removing an inconsistent dirty bitmap");
+            drop_bitmap(&qmp, &disk.node, name).await;
+        }
+        Ok(disk.bitmaps)
     }
 
     pub(crate) async fn remove_bitmap_impl(

@@ -156,16 +156,27 @@ impl Agent {
         let last = repo.backups(disk).await?.pop();
         // Incremental only from a backup whose bitmap QEMU still has on the active layer (a
         // restart or a snapshot since then loses it: then a full backup repairs the chain).
-        let since = last
+        let usable = |b: &str| !b.is_empty() && bitmaps.iter().any(|x| x == b);
+        let want = incremental && last.as_ref().is_some_and(|l| usable(&l.bitmap));
+        let mut prepared = repo.prepare(disk, backup_id, size, want).await?;
+        // From here the repository is locked: the parent it chose is the one whose bitmap
+        // says what to copy (the chain may have changed since it was read above).
+        let mut since = prepared
+            .parent
             .as_ref()
-            .map(|l| l.bitmap.clone())
-            .filter(|b| incremental && !b.is_empty() && bitmaps.contains(b));
+            .map(|p| p.bitmap.clone())
+            .filter(|b| usable(b));
+        if prepared.parent.is_some() && since.is_none() {
+            repo.abandon(&prepared).await?;
+            drop(prepared);
+            prepared = repo.prepare(disk, backup_id, size, false).await?;
+            since = None;
+        }
         for b in bitmaps.iter().filter(|b| b.starts_with("kumo-")) {
             if Some(b) != since.as_ref() {
                 self.hv.remove_bitmap(vm, device, b).await?;
             }
         }
-        let prepared = repo.prepare(disk, backup_id, size, since.is_some()).await?;
         let new_bitmap = format!("kumo-{backup_id}");
         let job = BackupJob {
             device_id: device.to_string(),

@@ -101,7 +101,11 @@ impl Controller {
                     }
                     (None, _) => (None, None),
                 };
-                let host = self.storage_host(&vol.domain(), prefer.as_deref()).await?;
+                // A running VM's disk is backed up by its own host, or not at all.
+                let host = match (&vm, &prefer) {
+                    (Some(_), Some(h)) => self.up_host(h).await?,
+                    _ => self.storage_host(&vol.domain(), prefer.as_deref()).await?,
+                };
                 Ok(Source {
                     project_id: vol.project_id,
                     kind: "volume",
@@ -114,6 +118,15 @@ impl Controller {
                 "give either an instance or a volume to back up".into(),
             )),
         }
+    }
+
+    pub(crate) async fn backup_running(&self, source_id: &str) -> Result<bool, OpError> {
+        Ok(self
+            .store
+            .backups(&Scope::system(), Some(source_id))
+            .await?
+            .iter()
+            .any(|b| b.state == "running"))
     }
 
     /// Start a backup; returns it (`running`) and its operation.
@@ -147,6 +160,13 @@ impl Controller {
         schedule: Option<&str>,
     ) -> Result<(BackupRow, OperationRow), OpError> {
         let src = self.backup_source(scope, instance, volume).await?;
+        // One backup of a disk at a time: they share its dirty bitmaps and its chain.
+        if self.backup_running(&src.id).await? {
+            return Err(OpError::IncorrectState(format!(
+                "a backup of {} is already running",
+                src.id
+            )));
+        }
         let repo = self.cfg.backup_dir.display().to_string();
         let b = self
             .store
@@ -591,6 +611,29 @@ impl Controller {
                 "volume" => (None, Some(s.source_id.as_str())),
                 _ => (Some(s.source_id.as_str()), None),
             };
+            // A schedule ends with its instance or volume.
+            let gone = match (i, v) {
+                (Some(i), _) => self
+                    .store
+                    .instance(&Scope::system(), i)
+                    .await
+                    .map(|r| r.state == InstanceState::Terminated)
+                    .unwrap_or(true),
+                (_, Some(v)) => self.store.volume(&Scope::system(), v).await.is_err(),
+                _ => true,
+            };
+            if gone {
+                self.store.delete_schedules_of(&s.source_id).await?;
+                self.system_event(
+                    Some(&s.project_id),
+                    "backup.schedule",
+                    &s.id,
+                    "deleted",
+                    Some(format!("{} is gone", s.source_id)),
+                )
+                .await;
+                continue;
+            }
             match self
                 .start_backup(&scope, i, v, (false, None), Some(&s.id))
                 .await

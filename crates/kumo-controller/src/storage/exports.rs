@@ -32,7 +32,12 @@ impl Controller {
                 EXPORT_FORMATS.join(", ")
             )));
         }
-        let (project, domain, prefer, job_src) = if snapshot {
+        let (project, domain, prefer, job_src): (
+            String,
+            _,
+            Option<String>,
+            (Option<String>, Option<String>),
+        ) = if snapshot {
             let s = self.store.snapshot(scope, id).await?;
             if s.state != "completed" {
                 return Err(OpError::IncorrectState(format!(
@@ -54,10 +59,16 @@ impl Controller {
                 }
             }
             let d = v.domain();
-            (v.project_id, d, None::<String>, (Some(v.id), None))
+            (v.project_id, d, None, (Some(v.id), None))
         };
         let host = self.storage_host(&domain, prefer.as_deref()).await?;
-        let file = format!("{id}.{format}");
+        // Named by the resolved id (the caller may have used a name).
+        let rid = job_src
+            .0
+            .clone()
+            .or_else(|| job_src.1.clone())
+            .unwrap_or_default();
+        let file = format!("{rid}.{format}");
         let dir = self.export_dir(&project);
         tokio::fs::create_dir_all(&dir)
             .await
@@ -71,7 +82,10 @@ impl Controller {
             dest: dest.display().to_string(),
             format: format.to_string(),
         };
-        let op = self.store.create_operation(&project, "export", id).await?;
+        let op = self
+            .store
+            .create_operation(&project, "export", &rid)
+            .await?;
         let me = self.clone();
         let op2 = op.clone();
         tokio::spawn(async move {

@@ -45,7 +45,10 @@ impl Controller {
                     }
                     (None, _) => (None, None),
                 };
-                let host = self.storage_host(&vol.domain(), prefer.as_deref()).await?;
+                let host = match (&vm, &prefer) {
+                    (Some(_), Some(h)) => self.up_host(h).await?,
+                    _ => self.storage_host(&vol.domain(), prefer.as_deref()).await?,
+                };
                 let row = self
                     .store
                     .create_snapshot(
@@ -146,28 +149,36 @@ impl Controller {
 
     pub async fn delete_snapshot(&self, scope: &Scope, id: &str) -> Result<(), OpError> {
         let snap = self.store.snapshot(scope, id).await?;
-        let deps = self.store.snapshot_dependents(&snap.id).await?;
-        if !deps.is_empty() {
+        if snap.state == "pending" {
             return Err(OpError::IncorrectState(format!(
-                "snapshot {} is the base of {}: delete those first",
-                snap.id,
-                deps.join(", ")
+                "snapshot {} is still being taken",
+                snap.id
             )));
         }
-        if snap.state != "error" {
-            let host = self.storage_host(&snap.domain(), None).await?;
-            self.agents()
-                .delete_snapshot(&host, &snap.id)
-                .await
-                .map_err(Self::storage_error)?;
-        }
+        // First no new dependents (under the placement lock), then the host, then the row.
         self.store
-            .delete_snapshot_row(&snap)
+            .begin_delete_snapshot(&snap)
             .await
             .map_err(|e| match e {
                 kumo_store::StoreError::Conflict(m) => OpError::IncorrectState(m),
                 other => other.into(),
             })?;
+        if snap.state != "error" {
+            let host = self.storage_host(&snap.domain(), None).await;
+            let done = match host {
+                Ok(h) => self
+                    .agents()
+                    .delete_snapshot(&h, &snap.id)
+                    .await
+                    .map_err(Self::storage_error),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = done {
+                self.store.set_snapshot_state(&snap.id, &snap.state).await?;
+                return Err(e);
+            }
+        }
+        self.store.delete_snapshot_row(&snap).await?;
         self.system_event(
             Some(&snap.project_id),
             "snapshot.deleted",

@@ -199,6 +199,12 @@ impl Controller {
                 vol.id
             )));
         }
+        if self.backup_running(&vol.id).await? {
+            return Err(OpError::IncorrectState(format!(
+                "a backup of volume {} is running: detach it when the backup ends",
+                vol.id
+            )));
+        }
         let vol = self.store.detach_volume(&vol).await?;
         self.wake();
         Ok(vol)
@@ -332,6 +338,7 @@ impl Controller {
             .await
             .map_err(Self::storage_error)?;
         self.store.volume_deleted(&vol.id).await?;
+        self.store.delete_schedules_of(&vol.id).await?;
         self.system_event(Some(&vol.project_id), "volume.deleted", &vol.id, "ok", None)
             .await;
         Ok(())

@@ -162,8 +162,9 @@ impl Store {
         Ok(rows.into_iter().map(|(i,)| i).collect())
     }
 
-    /// Refuse to delete a snapshot others are made from; otherwise mark it deleted.
-    pub async fn delete_snapshot_row(&self, snap: &SnapshotRow) -> Result<()> {
+    /// Start deleting a snapshot: refused while others are made from it; from now on nothing
+    /// new can be made from it (they need `completed`).
+    pub async fn begin_delete_snapshot(&self, snap: &SnapshotRow) -> Result<()> {
         let _placement = self.placement().await?;
         let deps = self.snapshot_dependents(&snap.id).await?;
         if !deps.is_empty() {
@@ -173,6 +174,25 @@ impl Store {
                 deps.join(", ")
             )));
         }
+        sqlx::query("UPDATE snapshots SET state = 'deleting' WHERE id = $1 AND deleted_at IS NULL")
+            .bind(&snap.id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Put a snapshot back (its deletion failed on the host).
+    pub async fn set_snapshot_state(&self, id: &str, state: &str) -> Result<()> {
+        sqlx::query("UPDATE snapshots SET state = $2 WHERE id = $1 AND deleted_at IS NULL")
+            .bind(id)
+            .bind(state)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The host let go of the snapshot: mark it deleted.
+    pub async fn delete_snapshot_row(&self, snap: &SnapshotRow) -> Result<()> {
         sqlx::query("UPDATE snapshots SET state = 'deleted', deleted_at = $2 WHERE id = $1")
             .bind(&snap.id)
             .bind(now_str())

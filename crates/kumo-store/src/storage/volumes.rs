@@ -171,7 +171,8 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE volumes SET instance_id = $2, attach_state = 'attaching', state = 'in-use', last_error = NULL, updated_at = $3
-             WHERE id = $1 AND state = 'available' AND instance_id IS NULL AND deleted_at IS NULL",
+             WHERE id = $1 AND state = 'available' AND instance_id IS NULL AND deleted_at IS NULL
+                 AND EXISTS (SELECT 1 FROM instances WHERE id = $2 AND state <> 'terminated' AND desired <> 'terminated')",
         )
         .bind(&vol.id)
         .bind(instance_id)
