@@ -130,6 +130,9 @@ impl Controller {
             ObservedPower::Running | ObservedPower::Stopped | ObservedPower::Failed
         );
         if vm.generation >= row.generation && settled {
+            self.store
+                .set_transition_error(&row.id, vm.volume_error.as_deref())
+                .await?;
             let running = vm.power == ObservedPower::Running;
             for v in self
                 .store

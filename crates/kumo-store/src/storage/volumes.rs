@@ -258,10 +258,10 @@ impl Store {
                 _ => continue,
             };
             let q = if to.is_empty() {
-                "UPDATE volumes SET instance_id = NULL, attach_state = NULL, state = 'available', updated_at = $3
+                "UPDATE volumes SET instance_id = NULL, attach_state = NULL, state = 'available', last_error = NULL, updated_at = $3
                  WHERE id = $1 AND attach_state = $2"
             } else {
-                "UPDATE volumes SET attach_state = 'attached', updated_at = $3 WHERE id = $1 AND attach_state = $2"
+                "UPDATE volumes SET attach_state = 'attached', last_error = NULL, updated_at = $3 WHERE id = $1 AND attach_state = $2"
             };
             sqlx::query(q)
                 .bind(&v.id)
@@ -272,6 +272,20 @@ impl Store {
             changed.push(v);
         }
         Ok(changed)
+    }
+
+    /// Why the host could not plug or unplug an instance's volumes: shown on those still
+    /// attaching or detaching (cleared when the host stops reporting it).
+    pub async fn set_transition_error(&self, instance_id: &str, error: Option<&str>) -> Result<()> {
+        sqlx::query(
+            "UPDATE volumes SET last_error = $2 WHERE instance_id = $1 AND deleted_at IS NULL
+                 AND attach_state IN ('attaching', 'detaching') AND last_error IS NOT $2",
+        )
+        .bind(instance_id)
+        .bind(error)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// An instance is gone: its volumes are free again (EBS data volumes outlive instances).
