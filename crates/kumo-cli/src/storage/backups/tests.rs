@@ -540,7 +540,7 @@ async fn create_follows_the_operation_and_prints_the_finished_backup() {
     );
     assert_eq!(
         m.seen()[0],
-        "POST /api/v1/backups {\"full\":false,\"instance\":null,\"volume\":\"data\"}"
+        "POST /api/v1/backups {\"full\":false,\"instance\":null,\"rate_mib_s\":null,\"volume\":\"data\"}"
     );
     let out = create(&m.client, &req, true, Output::Table).await.unwrap();
     assert!(
