@@ -472,26 +472,37 @@ async fn live_snapshot_plan_commit_and_abort() {
 pub(super) struct Holder(std::process::Child);
 
 impl Holder {
+    fn spawn(path: &Path) -> std::process::Child {
+        Command::new("qemu-io")
+            .args(["-f", "qcow2", p(path)])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     pub(super) fn new(path: &Path) -> Holder {
         // Wrapped at once, so that a failure below still kills and reaps it.
-        let holder = Holder(
-            Command::new("qemu-io")
-                .args(["-f", "qcow2", p(path)])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        // Wait until the image is locked.
-        for _ in 0..100 {
+        let mut holder = Holder(Self::spawn(path));
+        // Wait until the image is locked for good. A probe that runs while qemu-io opens the
+        // image can make qemu-io's own open fail (it then exits): start it again.
+        let mut refused = 0;
+        for _ in 0..200 {
+            if let Ok(Some(_)) = holder.0.try_wait() {
+                holder.0 = Self::spawn(path);
+                refused = 0;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
             let st = Command::new("qemu-img")
                 .args(["info", p(path)])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
                 .unwrap();
-            if !st.success() {
+            refused = if st.success() { 0 } else { refused + 1 };
+            if refused >= 3 {
                 return holder;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
