@@ -469,7 +469,20 @@ pub(crate) async fn convert_to_qcow2(
         src.into_os_string(),
         dest.into_os_string(),
     ];
-    let mut child = spawn(&args, false)?;
+    let (status, stderr) = run_with_progress(&args, on_progress).await?;
+    if !status.success() {
+        return Ok(Err(summarize(&stderr, &status)));
+    }
+    Ok(Ok(()))
+}
+
+/// `qemu-img ARGS` (with `-p`), calling `on_progress(0.0..=1.0)` for each progress line it
+/// prints; returns its exit status and stderr (head and tail). Killed if the future is dropped.
+pub(crate) async fn run_with_progress(
+    args: &[OsString],
+    on_progress: &(dyn Fn(f64) + Send + Sync),
+) -> Result<(ExitStatus, String), StorageError> {
+    let mut child = spawn(args, false)?;
     let (Some(mut stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(StorageError::QemuImg {
             command: "convert".into(),
@@ -506,10 +519,7 @@ pub(crate) async fn convert_to_qcow2(
         message: format!("waiting for qemu-img: {e}"),
     })?;
     let stderr = stderr_task.await.unwrap_or_default();
-    if !status.success() {
-        return Ok(Err(summarize(&stderr, &status)));
-    }
-    Ok(Ok(()))
+    Ok((status, stderr))
 }
 
 /// `qemu-img create -f qcow2 [-b BACKING -F qcow2 -u] DEST SIZE`.

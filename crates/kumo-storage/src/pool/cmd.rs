@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
 use crate::qemu::{self, QemuImgInfo};
@@ -15,8 +14,6 @@ use crate::StorageError;
 const QUICK_TIMEOUT: Duration = Duration::from_secs(300);
 /// LVM commands wait on LVM's own locks; give up eventually rather than hang an agent.
 const LVM_TIMEOUT: Duration = Duration::from_secs(600);
-/// Bytes of a tool's stderr kept for error messages.
-const STDERR_KEEP: usize = 16 * 1024;
 
 pub(super) fn os(s: impl AsRef<OsStr>) -> OsString {
     s.as_ref().to_os_string()
@@ -166,56 +163,9 @@ pub(super) async fn convert(
     args: Vec<OsString>,
     on_progress: &(dyn Fn(f64) + Send + Sync),
 ) -> Result<(), StorageError> {
-    let mut child = Command::new(qemu::qemu_img_bin())
-        .arg("convert")
-        .arg("-p")
-        .args(&args)
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| StorageError::QemuImg {
-            command: "convert".into(),
-            message: format!("cannot run qemu-img: {e} (is qemu-utils installed?)"),
-        })?;
-    let (Some(mut stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-        return Err(StorageError::QemuImg {
-            command: "convert".into(),
-            message: "no pipes to the child".into(),
-        });
-    };
-    let stderr_task = tokio::spawn(read_tail(stderr));
-    let mut record: Vec<u8> = Vec::with_capacity(64);
-    let mut buf = [0u8; 512];
-    loop {
-        let n = stdout
-            .read(&mut buf)
-            .await
-            .map_err(|e| StorageError::QemuImg {
-                command: "convert".into(),
-                message: format!("reading progress: {e}"),
-            })?;
-        if n == 0 {
-            break;
-        }
-        for &b in &buf[..n] {
-            if b == b'\r' || b == b'\n' {
-                if let Some(p) = crate::parse_progress(&String::from_utf8_lossy(&record)) {
-                    on_progress(p);
-                }
-                record.clear();
-            } else if record.len() < 256 {
-                record.push(b);
-            }
-        }
-    }
-    let status = child.wait().await.map_err(|e| StorageError::QemuImg {
-        command: "convert".into(),
-        message: format!("waiting for qemu-img: {e}"),
-    })?;
-    let stderr = stderr_task.await.unwrap_or_default();
+    let mut all = vec![os("convert"), os("-p")];
+    all.extend(args);
+    let (status, stderr) = qemu::run_with_progress(&all, on_progress).await?;
     if !status.success() {
         let msg = tidy(&stderr);
         return Err(qemu_failure(
@@ -228,24 +178,6 @@ pub(super) async fn convert(
         ));
     }
     Ok(())
-}
-
-/// Everything a reader yields, keeping only the last [`STDERR_KEEP`] bytes.
-async fn read_tail<R: tokio::io::AsyncRead + Unpin>(mut r: R) -> String {
-    let mut kept: Vec<u8> = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                kept.extend_from_slice(&buf[..n]);
-                if kept.len() > 2 * STDERR_KEEP {
-                    kept.drain(..kept.len() - STDERR_KEEP);
-                }
-            }
-        }
-    }
-    String::from_utf8_lossy(&kept).into_owned()
 }
 
 /// A system tool by name: `PATH`, then the sbin directories (a test harness's PATH may lack them).
