@@ -3,6 +3,8 @@
 //! device's own block backend, so dirty bitmaps see it like guest writes. The ENOSPC test mounts
 //! a small tmpfs, so these tests need root (as CI has).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -18,31 +20,7 @@ const MIB: u64 = 1 << 20;
 const DISK_SIZE: u64 = 1 << 30;
 const DEVICE: &str = "virtio-disk0";
 
-/// Every live process whose command line has `-name kumo-<id>`.
-fn qemu_pids(id: &str) -> Vec<u32> {
-    let want = format!("kumo-{id}");
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let zombie = stat
-            .rfind(')')
-            .map(|i| stat[i + 1..].trim_start().starts_with('Z'))
-            .unwrap_or(true);
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if !zombie
-            && args
-                .windows(2)
-                .any(|w| w[0] == b"-name" && w[1] == want.as_bytes())
-        {
-            pids.push(pid);
-        }
-    }
-    pids
-}
+use common::qemu_pids;
 
 /// Kills the VM's QEMU and unmounts what the test mounted, even when the test fails.
 struct Guard {

@@ -2,6 +2,8 @@
 //! in SeaBIOS, which is enough for QMP but never releases a hot-unplugged device; a QMP
 //! `system_reset` completes a pending unplug, which stands in for the guest here).
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,31 +17,7 @@ use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
 
-/// Every live process whose command line has `-name kumo-<id>`.
-fn qemu_pids(id: &str) -> Vec<u32> {
-    let want = format!("kumo-{id}");
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let zombie = stat
-            .rfind(')')
-            .map(|i| stat[i + 1..].trim_start().starts_with('Z'))
-            .unwrap_or(true);
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if !zombie
-            && args
-                .windows(2)
-                .any(|w| w[0] == b"-name" && w[1] == want.as_bytes())
-        {
-            pids.push(pid);
-        }
-    }
-    pids
-}
+use common::qemu_pids;
 
 /// Kills the test's QEMU when dropped, so a failing test leaves no process behind (the files
 /// go with the tempdir, dropped after this guard).

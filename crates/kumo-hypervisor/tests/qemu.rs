@@ -1,6 +1,8 @@
 //! Real-QEMU tests of the QEMU driver (TCG; no guest OS: the VM sits in firmware).
 //! They need root only for the netns test; everything else runs as any user with QEMU installed.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -12,31 +14,7 @@ use kumo_hypervisor::{
 };
 use serde_json::Value;
 
-/// Every live process whose command line has `-name kumo-<id>`.
-fn qemu_pids(id: &str) -> Vec<u32> {
-    let want = format!("kumo-{id}");
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let zombie = stat
-            .rfind(')')
-            .map(|i| stat[i + 1..].trim_start().starts_with('Z'))
-            .unwrap_or(true);
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if !zombie
-            && args
-                .windows(2)
-                .any(|w| w[0] == b"-name" && w[1] == want.as_bytes())
-        {
-            pids.push(pid);
-        }
-    }
-    pids
-}
+use common::qemu_pids;
 
 /// Kills every QEMU of the given VM ids when dropped, so a failing test leaves nothing behind.
 struct Reaper {
