@@ -146,6 +146,9 @@ async fn backups_incremental_restore_and_interrupted() {
         assert!(Instant::now() < deadline, "the backup never started");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // One backup of a disk at a time.
+    let second: Result<BackupWithOperation, _> = c.post("/api/v1/backups", &of_volume(&v.id)).await;
+    assert_eq!(api_err(second, "a second backup while one runs").0, 409);
     cloud.kill_agent(0);
     tokio::time::sleep(Duration::from_secs(2)).await;
     cloud.start_agent(0);
@@ -407,4 +410,37 @@ async fn backups_incremental_restore_and_interrupted() {
     crate::storage::delete(&c, &format!("/api/v1/backup-schedules/{}", sched.id))
         .await
         .expect("delete schedule");
+
+    step("a schedule ends with its volume");
+    let gone = create_volume(
+        &c,
+        &CreateVolume {
+            size_bytes: Some(MIB),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("volume");
+    let s2: BackupSchedule = c
+        .post(
+            "/api/v1/backup-schedules",
+            &CreateBackupSchedule {
+                volume: Some(gone.id.clone()),
+                cron: "*/5 * * * * *".into(),
+                keep_last: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("schedule");
+    crate::storage::delete(&c, &format!("/api/v1/volumes/{}", gone.id))
+        .await
+        .expect("delete volume");
+    let listed = |all: Vec<BackupSchedule>| all.iter().any(|s| s.id == s2.id);
+    let all: Vec<BackupSchedule> = c
+        .get::<kumo_types::api::Page<BackupSchedule>>("/api/v1/backup-schedules")
+        .await
+        .expect("schedules")
+        .items;
+    assert!(!listed(all), "deleting the volume deleted its schedule");
 }

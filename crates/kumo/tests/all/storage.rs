@@ -718,6 +718,16 @@ async fn volumes_snapshots_and_clones() {
         .await;
     assert_eq!(api_err(r, "a member changing a pool").0, 403);
     assert!(volumes(&other).await.is_empty());
+    let seen: Vec<StoragePool> = other
+        .get::<kumo_types::api::Page<StoragePool>>("/api/v1/storage-pools")
+        .await
+        .expect("pools")
+        .items;
+    assert_eq!(seen.len(), 1);
+    assert!(
+        seen[0].hosts.is_empty() && seen[0].total_bytes > 0,
+        "a member sees the pool's room, not its hosts: {seen:?}"
+    );
     let snaps: Vec<Snapshot> = other
         .get::<kumo_types::api::Page<Snapshot>>("/api/v1/snapshots")
         .await
