@@ -32,12 +32,9 @@ impl Controller {
                 EXPORT_FORMATS.join(", ")
             )));
         }
-        let (project, domain, prefer, job_src): (
-            String,
-            _,
-            Option<String>,
-            (Option<String>, Option<String>),
-        ) = if snapshot {
+        // The disk's project and pool, its resolved id (the caller may have used a name), and
+        // what the job copies: (disk, snapshot).
+        let (project, domain, rid, source) = if snapshot {
             let s = self.store.snapshot(scope, id).await?;
             if s.state != "completed" {
                 return Err(OpError::IncorrectState(format!(
@@ -46,7 +43,7 @@ impl Controller {
                 )));
             }
             let d = s.domain();
-            (s.project_id, d, None, (None, Some(s.id)))
+            (s.project_id, d, s.id.clone(), (None, Some(s.id)))
         } else {
             let v = self.store.volume(scope, id).await?;
             if let Some(i) = &v.instance_id {
@@ -59,15 +56,9 @@ impl Controller {
                 }
             }
             let d = v.domain();
-            (v.project_id, d, None, (Some(v.id), None))
+            (v.project_id, d, v.id.clone(), (Some(v.id), None))
         };
-        let host = self.storage_host(&domain, prefer.as_deref()).await?;
-        // Named by the resolved id (the caller may have used a name).
-        let rid = job_src
-            .0
-            .clone()
-            .or_else(|| job_src.1.clone())
-            .unwrap_or_default();
+        let host = self.storage_host(&domain, None).await?;
         let file = format!("{rid}.{format}");
         let dir = self.export_dir(&project);
         tokio::fs::create_dir_all(&dir)
@@ -77,8 +68,8 @@ impl Controller {
         // A new export replaces the previous one of the same disk and format.
         let _ = tokio::fs::remove_file(&dest).await;
         let job = JobRequest::Export {
-            disk: job_src.0,
-            snapshot: job_src.1,
+            disk: source.0,
+            snapshot: source.1,
             dest: dest.display().to_string(),
             format: format.to_string(),
         };

@@ -224,9 +224,13 @@ impl Controller {
                 vol.id, vol.state
             )));
         }
-        let host = self.storage_host(&vol.domain(), None).await?;
+        // An attached volume grows through its instance's spec; a free one on its host.
+        let host = match vol.instance_id {
+            None => Some(self.storage_host(&vol.domain(), None).await?),
+            Some(_) => None,
+        };
         let grown = self.store.grow_volume(&vol, req.size_bytes).await?;
-        if vol.instance_id.is_none() {
+        if let Some(host) = host {
             if let Err(e) = self
                 .agents()
                 .grow_disk(&host, &vol.id, req.size_bytes)
