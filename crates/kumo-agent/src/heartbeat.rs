@@ -14,7 +14,17 @@ use crate::{Agent, AgentError, Config};
 struct HeartbeatResponse {
     #[serde(default)]
     delete: Vec<String>,
+    /// VMs that live on another host of this shared pool now: removed, their disks kept.
+    #[serde(default)]
+    forget: Vec<String>,
+    /// HA leases for the VMs the controller wants here, counted from when this heartbeat was sent.
+    #[serde(default)]
+    leases: Option<kumo_types::agent::LeaseGrant>,
 }
+
+/// A heartbeat answered later than this is of little use: the leases it grants run from its
+/// sending, and the next one is due.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(4);
 
 pub(crate) async fn host_info(hv: &dyn Hypervisor) -> HostInfo {
     let vcpus = std::thread::available_parallelism()
@@ -129,6 +139,8 @@ impl Agent {
             if let Err(e) = self.heartbeat_once().await {
                 tracing::debug!(error = %chain(&e), "heartbeat failed");
             }
+            // The watchdog waits for the first attempt to renew what a previous process let lapse.
+            self.leases.first_beat.notify_one();
             tokio::select! {
                 _ = self.beat.notified() => {}
                 _ = tokio::time::sleep(self.cfg.heartbeat_interval) => {}
@@ -150,11 +162,16 @@ impl Agent {
             info,
             vms: self.observe_all().await,
             repairs: self.take_repairs(),
+            fenced: self.leases.take_reports(),
+            path: self.probes.report(),
         };
         let url = format!("{}/api/v1/agent/heartbeat", self.identity.controller);
+        // Leases granted in the answer run from here: before the controller receives it.
+        let sent = std::time::Instant::now();
         let resp = self
             .http
             .post(&url)
+            .timeout(HEARTBEAT_TIMEOUT)
             .bearer_auth(format!(
                 "{}:{}",
                 self.identity.host_id, self.identity.host_secret
@@ -166,6 +183,7 @@ impl Agent {
             Ok(r) if r.status().is_success() => r,
             other => {
                 self.restore_repairs(hb.repairs);
+                self.leases.restore_reports(hb.fenced);
                 return Err(AgentError::Controller(match other {
                     Ok(r) => format!("heartbeat answered {}", r.status()),
                     Err(e) => chain(&e),
@@ -173,9 +191,13 @@ impl Agent {
             }
         };
         let r: HeartbeatResponse = resp.json().await.unwrap_or_default();
-        for id in r.delete {
-            tracing::info!(vm = %id, "controller does not want this VM; removing it");
-            if let Err(e) = self.delete_vm(&id).await {
+        if let Some(grant) = &r.leases {
+            self.take_grant(sent, grant).await;
+        }
+        let removals = r.delete.iter().map(|id| (id, false));
+        for (id, keep_disk) in removals.chain(r.forget.iter().map(|id| (id, true))) {
+            tracing::info!(vm = %id, keep_disk, "controller does not want this VM here; removing it");
+            if let Err(e) = self.delete_vm(id, keep_disk).await {
                 tracing::warn!(vm = %id, error = %chain(&e), "could not remove VM");
             }
         }

@@ -64,6 +64,14 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/agent/v1/snapshots/{id}", delete(delete_snapshot))
         .route("/agent/v1/jobs", post(start_job))
         .route("/agent/v1/jobs/{id}", get(job).delete(cancel_job))
+        .route("/agent/v1/vms/{id}/disks", get(source_disks))
+        .route("/agent/v1/vms/{id}/resume", post(resume_source))
+        .route("/agent/v1/migrations", post(start_incoming))
+        .route(
+            "/agent/v1/migrations/{id}",
+            get(incoming_state).delete(abort_incoming),
+        )
+        .route("/agent/v1/migrations/{id}/commit", post(commit_incoming))
         .route_layer(axum::middleware::from_fn_with_state(agent.clone(), auth))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(agent)
@@ -175,10 +183,21 @@ async fn put_vm(
     Ok((StatusCode::ACCEPTED, Json(a.put_vm(spec).await?)))
 }
 
-async fn delete_vm(State(a): A, Path(id): Path<String>) -> Result<StatusCode, HttpError> {
+#[derive(Deserialize)]
+struct DeleteVmQuery {
+    /// The VM lives on another host of this shared pool now: keep its disk.
+    #[serde(default)]
+    keep_disk: bool,
+}
+
+async fn delete_vm(
+    State(a): A,
+    Path(id): Path<String>,
+    Query(q): Query<DeleteVmQuery>,
+) -> Result<StatusCode, HttpError> {
     kumo_hypervisor::validate_id(&id)
         .map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    a.delete_vm(&id).await?;
+    a.delete_vm(&id, q.keep_disk).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -308,4 +327,54 @@ async fn pump<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send>(
         let _ = tx.close().await;
     };
     tokio::select! { _ = up => {}, _ = down => {} }
+}
+
+fn checked_id(id: &str) -> Result<(), HttpError> {
+    kumo_hypervisor::validate_id(id).map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+async fn source_disks(
+    State(a): A,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<kumo_types::migration::SourceDisk>>, HttpError> {
+    checked_id(&id)?;
+    Ok(Json(a.source_disks(&id).await?))
+}
+
+async fn resume_source(State(a): A, Path(id): Path<String>) -> Result<StatusCode, HttpError> {
+    checked_id(&id)?;
+    a.resume_source(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn start_incoming(
+    State(a): A,
+    Json(req): Json<kumo_types::migration::IncomingRequest>,
+) -> Result<Json<kumo_types::migration::MigrationTarget>, HttpError> {
+    checked_id(&req.desired.id)?;
+    Ok(Json(a.start_incoming(req).await?))
+}
+
+async fn incoming_state(
+    State(a): A,
+    Path(id): Path<String>,
+) -> Result<Json<kumo_types::migration::IncomingState>, HttpError> {
+    checked_id(&id)?;
+    Ok(Json(a.incoming_state(&id).await?))
+}
+
+async fn abort_incoming(State(a): A, Path(id): Path<String>) -> Result<StatusCode, HttpError> {
+    checked_id(&id)?;
+    a.abort_incoming(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn commit_incoming(
+    State(a): A,
+    Path(id): Path<String>,
+    Json(c): Json<kumo_types::migration::CommitIncoming>,
+) -> Result<StatusCode, HttpError> {
+    checked_id(&id)?;
+    a.commit_incoming(&id, &c).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -7,8 +7,11 @@ mod disks;
 mod error;
 mod heartbeat;
 mod http;
+mod leases;
 mod ledger;
 pub mod metadata;
+mod migrate;
+mod probes;
 mod storage;
 mod tenant;
 mod vms;
@@ -23,6 +26,7 @@ use kumo_hypervisor::Hypervisor;
 use kumo_network::HostNetwork;
 use kumo_types::agent::HostInfo;
 pub use ledger::Identity;
+pub use probes::{ProbeError, ProbeTarget};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -61,6 +65,8 @@ pub struct Config {
     pub public_bridge: Option<String>,
     /// Bytes a second a backup may copy (`None`: unlimited).
     pub backup_rate: Option<u64>,
+    /// Network-path probe targets on the VM-facing side (`--probe`); empty: none.
+    pub probes: Vec<ProbeTarget>,
 }
 
 pub struct Agent {
@@ -76,6 +82,10 @@ pub struct Agent {
     tenant: Arc<tenant::TenantState>,
     pool: kumo_storage::pool::Pool,
     jobs: storage::Jobs,
+    /// HA leases for this host's VMs (see [`leases`]).
+    leases: leases::Leases,
+    /// Network-path probes and what they see (see [`probes`]).
+    probes: probes::Probes,
     /// One lock per image id: VMs starting together fetch a shared image once.
     image_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -93,6 +103,13 @@ impl Agent {
 /// Start an agent: bind, register (first time) or load its identity, re-attach to running
 /// VMs, then serve and heartbeat until the process ends. Returns once serving has started.
 pub async fn start(cfg: Config) -> Result<Arc<Agent>, AgentError> {
+    // Bad probe targets stop the agent before it touches anything.
+    let probes =
+        probes::Probes::new(cfg.probes.clone()).map_err(|e| AgentError::Config(e.to_string()))?;
+    probes
+        .check(cfg.vm_netns.as_deref())
+        .await
+        .map_err(|e| AgentError::Config(e.to_string()))?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| AgentError::io(format!("binding {}", cfg.listen), e))?;
@@ -165,6 +182,8 @@ pub async fn start(cfg: Config) -> Result<Arc<Agent>, AgentError> {
     let identity = heartbeat::identity(&cfg, &http, &address, &info).await?;
     let vms = vms::Vms::load(&cfg.data_dir)?;
     let tenant = Arc::new(tenant::TenantState::load(&cfg.data_dir));
+    let lease_files = leases::LeaseFiles::new(&cfg.pool, &identity.host_id);
+    let lease_state = leases::Leases::load(&cfg.data_dir, lease_files);
     let agent = Arc::new(Agent {
         cfg,
         hv,
@@ -178,8 +197,11 @@ pub async fn start(cfg: Config) -> Result<Arc<Agent>, AgentError> {
         tenant,
         pool,
         jobs: Default::default(),
+        leases: lease_state,
+        probes,
         image_locks: Default::default(),
     });
+    agent.hold_unleased().await;
     agent.resume().await;
     let app = http::router(agent.clone());
     tokio::spawn(async move {
@@ -190,7 +212,13 @@ pub async fn start(cfg: Config) -> Result<Arc<Agent>, AgentError> {
     let a = agent.clone();
     tokio::spawn(async move { a.heartbeat_loop().await });
     let a = agent.clone();
+    tokio::spawn(async move { a.watchdog_loop().await });
+    let a = agent.clone();
     tokio::spawn(async move { a.network_loop().await });
+    if !agent.cfg.probes.is_empty() {
+        let a = agent.clone();
+        tokio::spawn(async move { a.probe_loop().await });
+    }
     tracing::info!(host = %agent.identity.host_id, address = %agent.address, hypervisor = agent.hv.name(), accel = %agent.info.accel, "agent ready");
     Ok(agent)
 }

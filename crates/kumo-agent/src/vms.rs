@@ -27,6 +27,9 @@ pub struct VmEntry {
     pub op: Arc<Mutex<()>>,
     /// Volumes plugged into the running VM, as of the last look (heartbeats report this).
     pub attached: Vec<String>,
+    /// The destination side of a live migration not committed yet: its QEMU waits paused for the
+    /// migration stream; no worker converges it and it holds no lease.
+    pub incoming: bool,
 }
 
 #[derive(Default)]
@@ -47,8 +50,17 @@ impl Vms {
                     wake: Arc::new(Notify::new()),
                     op: Arc::default(),
                     attached: vec![],
+                    incoming: false,
                 },
             );
+        }
+        // Incoming migrations the agent was receiving when it stopped: the controller commits
+        // or aborts them.
+        for rec in crate::migrate::load_incoming(data_dir)? {
+            let id = rec.req.desired.id.clone();
+            if !map.contains_key(&id) {
+                map.insert(id, crate::migrate::incoming_entry(&rec));
+            }
         }
         Ok(Vms {
             map: Mutex::new(map),
@@ -72,6 +84,7 @@ impl Agent {
             .lock()
             .await
             .iter()
+            .filter(|(_, v)| !v.incoming)
             .map(|(k, v)| (k.clone(), v.wake.clone()))
             .collect();
         for (id, wake) in ids {
@@ -87,13 +100,19 @@ impl Agent {
         }
     }
 
-    fn spawn_worker(self: &Arc<Self>, id: String, wake: Arc<Notify>) {
+    pub(crate) fn spawn_worker(self: &Arc<Self>, id: String, wake: Arc<Notify>) {
         let me = self.clone();
         tokio::spawn(async move { me.worker(id, wake).await });
     }
 
     /// Accept a desired spec. Older generations are ignored; returns what the agent observes.
-    pub async fn put_vm(self: &Arc<Self>, spec: VmDesired) -> Result<VmObserved, AgentError> {
+    pub async fn put_vm(self: &Arc<Self>, mut spec: VmDesired) -> Result<VmObserved, AgentError> {
+        // The lease that came with the spec is not part of it (nor of the ledger).
+        let revived = spec.lease_ms.take().is_some_and(|ms| {
+            self.leases
+                .grant_one(&spec.id, std::time::Duration::from_millis(ms))
+        });
+        self.save_leases();
         let mut new_vm = None;
         {
             let mut map = self.vms.map.lock().await;
@@ -122,6 +141,7 @@ impl Agent {
                             wake: wake.clone(),
                             op: Arc::default(),
                             attached: vec![],
+                            incoming: false,
                         },
                     );
                     new_vm = Some(wake);
@@ -130,6 +150,9 @@ impl Agent {
         }
         if let Some(wake) = new_vm {
             self.spawn_worker(spec.id.clone(), wake);
+        }
+        if revived {
+            self.revive(std::slice::from_ref(&spec.id)).await;
         }
         self.observe(&spec.id)
             .await
@@ -153,11 +176,14 @@ impl Agent {
             Err(_) => PowerState::Running,
         };
         let is_on = actual != PowerState::Stopped;
+        // Fenced (no lease): it waits for a fresh lease to start again, it did not stop.
+        let fenced = self.leases.is_fenced(id);
         // While converging, report the transition in progress; a reboot or a no-op change of a
         // running VM keeps it `Running`, as EC2 does.
         let power = match (converging, rec.desired.power, is_on) {
             (true, DesiredPower::Running, false) => ObservedPower::Starting,
             (true, DesiredPower::Stopped, true) => ObservedPower::Stopping,
+            (_, DesiredPower::Running, false) if fenced => ObservedPower::Starting,
             (_, _, true) => ObservedPower::Running,
             (_, _, false) if rec.error.is_some() => ObservedPower::Failed,
             (_, _, false) => ObservedPower::Stopped,
@@ -180,15 +206,25 @@ impl Agent {
         })
     }
 
+    /// What the agent observes of every VM it runs (not incoming migrations: they are not
+    /// here until committed).
     pub async fn observe_all(&self) -> Vec<VmObserved> {
-        let ids: Vec<String> = self.vms.map.lock().await.keys().cloned().collect();
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(o) = self.observe(&id).await {
-                out.push(o);
-            }
-        }
-        out
+        let ids: Vec<String> = self
+            .vms
+            .map
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, e)| !e.incoming)
+            .map(|(k, _)| k.clone())
+            .collect();
+        // Concurrently: each probe may wait its full timeout, and the heartbeat that carries
+        // them renews the HA leases.
+        futures::future::join_all(ids.iter().map(|id| self.observe(id)))
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     async fn worker(self: Arc<Self>, id: String, wake: Arc<Notify>) {
@@ -248,7 +284,14 @@ impl Agent {
             DesiredPower::Running => {
                 let running = self.hv.state(&d.id).await? != PowerState::Stopped;
                 if !running {
+                    // HA: only with a valid lease (checked again after the slow preparation).
+                    if !self.may_start(&d.id) {
+                        return Ok(());
+                    }
                     let spec = self.prepare(d).await?;
+                    if !self.may_start(&d.id) {
+                        return Ok(());
+                    }
                     self.hv.start(&spec).await?;
                 } else if d.reboot_seq > rec.applied_reboot_seq {
                     self.hv.reboot(&d.id).await?;
@@ -266,7 +309,7 @@ impl Agent {
     }
 
     /// Disk, network and the hypervisor spec for a VM about to start.
-    async fn prepare(&self, d: &VmDesired) -> Result<VmSpec, AgentError> {
+    pub(crate) async fn prepare(&self, d: &VmDesired) -> Result<VmSpec, AgentError> {
         if self.hv.name() == "sim" {
             return Ok(VmSpec {
                 id: d.id.clone(),
@@ -328,8 +371,9 @@ impl Agent {
         })
     }
 
-    /// Remove a VM and everything it has on this host. Idempotent.
-    pub async fn delete_vm(&self, id: &str) -> Result<(), AgentError> {
+    /// Remove a VM and everything it has on this host. Idempotent. `keep_disk`: the VM lives on
+    /// another host of this shared pool now (migrated, failed over), so its disk is not ours to delete.
+    pub async fn delete_vm(&self, id: &str, keep_disk: bool) -> Result<(), AgentError> {
         let op = self.vms.map.lock().await.get(id).map(|e| e.op.clone());
         let _guard = match &op {
             Some(op) => Some(op.lock().await),
@@ -338,7 +382,7 @@ impl Agent {
         self.hv.kill(id).await?;
         self.hv.cleanup(id).await?;
         // Its layers stay while snapshots of it need them (the pool collects the rest).
-        if self.hv.name() != "sim" {
+        if self.hv.name() != "sim" && !keep_disk {
             self.pool.delete_disk(id).await?;
         }
         let dir = self.vm_dir(id);
@@ -356,6 +400,7 @@ impl Agent {
             e.is_some()
         };
         ledger::remove_vm(&self.cfg.data_dir, id)?;
+        self.leases.forget(id);
         if existed {
             self.apply_network().await?;
         }

@@ -30,6 +30,8 @@ pub fn instance(r: InstanceRow) -> Instance {
         constraints: r.constraints,
         security_groups: r.security_group_ids,
         key_name: r.key_name,
+        ha: r.ha,
+        ha_priority: r.ha_priority,
     }
 }
 
@@ -90,6 +92,8 @@ pub fn host(r: HostRow, u: Option<&HostUsage>) -> Host {
         memory_overcommit: r.memory_overcommit,
         reserved_memory_mib: r.reserved_memory_mib,
         created_at: r.created_at,
+        // Filled from the controller's latest heartbeat reports where that matters.
+        path: None,
     }
 }
 

@@ -79,17 +79,27 @@ pub async fn show(
 }
 
 #[utoipa::path(patch, path = "/api/v1/instances/{id}", tag = "instances", request_body = UpdateInstance, params(("id" = String, Path)),
-    responses((status = 200, body = Instance), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = Instance), (status = 400, body = ErrorBody, description = "ha_priority out of range (0 to 1000)"), (status = 409, body = ErrorBody)))]
 pub async fn update(
     State(st): State<AppState>,
     Extension(c): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<UpdateInstance>,
 ) -> Result<Json<Instance>, ApiError> {
-    let row = match req.instance_type {
+    // Every setting is checked before any changes: a bad priority leaves the type alone too.
+    if let Some(p) = req.ha_priority {
+        kumo_store::check_ha_priority(p).map_err(kumo_controller::OpError::from)?;
+    }
+    let mut row = match req.instance_type {
         Some(t) => st.ctl.resize_instance(&c.scope(), &id, &t).await?,
         None => st.ctl.store.instance(&c.scope(), &id).await?,
     };
+    if req.ha.is_some() || req.ha_priority.is_some() {
+        row = st
+            .ctl
+            .set_instance_ha(&c.scope(), &id, req.ha, req.ha_priority)
+            .await?;
+    }
     Ok(Json(convert::instance(row)))
 }
 

@@ -8,6 +8,7 @@ mod convert;
 pub mod error;
 mod images;
 mod instances;
+mod migrate;
 mod misc;
 mod networks;
 mod placement;
@@ -45,6 +46,7 @@ pub struct AppState {
         storage::export_volume, storage::export_snapshot, storage::image_from_snapshot, storage::download_export, images::download,
         backups::list, backups::create, backups::show, backups::delete, backups::verify, backups::restore,
         backups::list_schedules, backups::create_schedule, backups::delete_schedule,
+        migrate::migrate, migrate::list, migrate::show, migrate::cancel, migrate::evacuate, migrate::return_host,
     ),
     components(schemas(images::ImageWithOperation,
         kumo_types::security::SecurityGroup, kumo_types::security::SecurityGroupRule, kumo_types::security::CreateSecurityGroup,
@@ -57,7 +59,9 @@ pub struct AppState {
         kumo_types::storage::CloneResult, kumo_types::storage::Backup, kumo_types::storage::CreateBackup,
         kumo_types::storage::BackupWithOperation, kumo_types::storage::RestoreBackup, kumo_types::storage::RestoreResult,
         kumo_types::storage::BackupSchedule, kumo_types::storage::CreateBackupSchedule,
-        kumo_types::storage::ExportDisk, kumo_types::storage::ExportResult, storage::ImageFromSnapshot)),
+        kumo_types::storage::ExportDisk, kumo_types::storage::ExportResult, storage::ImageFromSnapshot,
+        kumo_types::migration::MigrateInstance, kumo_types::migration::Migration, kumo_types::migration::EvacuateHost,
+        kumo_types::migration::Evacuation, kumo_types::migration::EvacuationItem, kumo_types::migration::ReturnHost)),
     tags((name = "instances"), (name = "images"), (name = "hosts"), (name = "placement-groups"), (name = "security-groups"), (name = "key-pairs"), (name = "networks"), (name = "addresses"), (name = "storage"), (name = "operations"), (name = "events"), (name = "auth"))
 )]
 pub struct ApiDoc;
@@ -227,6 +231,12 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/exports/{file}", get(storage::download_export))
         .route("/api/v1/images/{id}/file", get(images::download))
+        .route("/api/v1/instances/{id}/migrate", post(migrate::migrate))
+        .route("/api/v1/migrations", get(migrate::list))
+        .route("/api/v1/migrations/{id}", get(migrate::show))
+        .route("/api/v1/migrations/{id}/cancel", post(migrate::cancel))
+        .route("/api/v1/hosts/{id}/evacuate", post(migrate::evacuate))
+        .route("/api/v1/hosts/{id}/return", post(migrate::return_host))
         .route("/api/v1/backups/{id}/verify", post(backups::verify))
         .route("/api/v1/backups/{id}/restore", post(backups::restore))
         .route(

@@ -41,7 +41,11 @@ pub async fn hosts(
         .into_iter()
         .map(|h| {
             let u = p.usage(&h.id);
-            convert::host(h, u.as_ref())
+            let path = st.ctl.host_path(&h.id);
+            Host {
+                path,
+                ..convert::host(h, u.as_ref())
+            }
         })
         .collect();
     Ok(Json(Page {
@@ -60,7 +64,11 @@ pub async fn host(
     admin_only(&c)?;
     let h = st.ctl.store.host(&id).await?;
     let u = st.ctl.store.host_usage(&h.id).await?;
-    Ok(Json(convert::host(h, u.as_ref())))
+    let path = st.ctl.host_path(&h.id);
+    Ok(Json(Host {
+        path,
+        ..convert::host(h, u.as_ref())
+    }))
 }
 
 #[utoipa::path(get, path = "/api/v1/instance-types", tag = "instances", responses((status = 200, body = Page<InstanceType>)))]

@@ -190,6 +190,29 @@ impl Client {
     pub async fn resize(&self, id: &str, instance_type: &str) -> Result<Instance, ClientError> {
         let v = serde_json::to_value(UpdateInstance {
             instance_type: Some(instance_type.into()),
+            ..Default::default()
+        })
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+        self.request(
+            "PATCH",
+            &format!("/api/v1/instances/{}", enc(id)),
+            Some(&v),
+            None,
+        )
+        .await
+    }
+
+    /// Turn HA on or off and/or set its priority (`None` keeps the value).
+    pub async fn set_instance_ha(
+        &self,
+        id: &str,
+        ha: Option<bool>,
+        ha_priority: Option<u32>,
+    ) -> Result<Instance, ClientError> {
+        let v = serde_json::to_value(UpdateInstance {
+            ha,
+            ha_priority,
+            ..Default::default()
         })
         .map_err(|e| ClientError::Http(e.to_string()))?;
         self.request(

@@ -68,6 +68,12 @@ pub enum VmCmd {
         /// Create this many (named NAME-0, NAME-1 ...), placed in one step: all or none.
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// Restart it on another host when its host fails (its disks must be on a shared pool).
+        #[arg(long)]
+        ha: bool,
+        /// Failover order, 0 to 1000 (default 500): higher restarts first.
+        #[arg(long)]
+        ha_priority: Option<u32>,
         /// Wait until it is running.
         #[arg(long)]
         wait: bool,
@@ -104,6 +110,11 @@ pub enum VmCmd {
     /// A live snapshot of its root disk boots as a new instance with its own identity (id, MAC,
     /// addresses); its I/O pauses for milliseconds.
     Clone(crate::storage::CloneArgs),
+    /// Live-migrate a running instance to another host (memory only on a shared pool, with its
+    /// disks otherwise); it keeps running and keeps its addresses.
+    Migrate(crate::migrate::MigrateArgs),
+    /// Change an instance's HA settings: `kumo vm set web1 --ha on --ha-priority 800`.
+    Set(crate::ha::SetArgs),
     /// Change the instance type (only while stopped).
     Resize {
         id: String,
@@ -226,6 +237,11 @@ pub enum TokenCmd {
 pub enum HostCmd {
     /// Set a host up, maintenance (no new instances) or draining.
     SetState { id: String, state: String },
+    /// Put a host in maintenance and live-migrate its running instances away; those that cannot
+    /// move are listed with the reason and keep running.
+    Evacuate(crate::migrate::EvacuateArgs),
+    /// Bring a host out of maintenance (with --move-home, its evacuated instances come back).
+    Return(crate::migrate::ReturnArgs),
     /// Set a host's own overcommit ratios and reserved memory (others keep their value).
     Set {
         id: String,
@@ -346,6 +362,7 @@ fn show_instance(i: &Instance, output: Output) -> Result<(), ClientError> {
         ("mac", i.mac.clone().unwrap_or_default()),
         ("security groups", i.security_groups.join(", ")),
         ("key", i.key_name.clone().unwrap_or_default()),
+        ("ha", crate::ha::describe(i)),
         ("created", i.created_at.to_rfc3339()),
         ("last error", i.last_error.clone().unwrap_or_default()),
     ] {
@@ -414,6 +431,8 @@ impl VmCmd {
                 mac,
                 uuid,
                 count,
+                ha,
+                ha_priority,
                 wait,
                 idempotency_key,
                 output,
@@ -443,6 +462,8 @@ impl VmCmd {
                     user_data,
                     mac,
                     uuid,
+                    ha,
+                    ha_priority,
                 };
                 if count != 1 {
                     return create_batch(client, req, count, wait, idempotency_key, output).await;
@@ -518,6 +539,8 @@ impl VmCmd {
                 println!("{} is {}", i.id, i.state);
             }
             VmCmd::Clone(a) => a.run(client).await?,
+            VmCmd::Migrate(a) => a.run(client).await?,
+            VmCmd::Set(a) => a.run(client).await?,
             VmCmd::Resize { id, instance_type } => {
                 let i = client.resize(&id, &instance_type).await?;
                 println!(
@@ -765,6 +788,8 @@ pub async fn follow_operation(client: &Client, id: &str) -> Result<(), ClientErr
 impl HostCmd {
     pub async fn run(self, client: &Client) -> Result<(), ClientError> {
         match self {
+            HostCmd::Evacuate(a) => a.run(client).await?,
+            HostCmd::Return(a) => a.run(client).await?,
             HostCmd::SetState { id, state } => {
                 let h = client.set_host_state(&id, &state).await?;
                 println!("{} is {}", h.name, h.state);
@@ -934,6 +959,14 @@ impl HostCmd {
                     (
                         "last heartbeat",
                         h.last_heartbeat.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                    ),
+                    (
+                        "network path",
+                        match &h.path {
+                            None => "(not probed)".into(),
+                            Some(p) if p.failing.is_empty() => p.state.clone(),
+                            Some(p) => format!("{} (failing: {})", p.state, p.failing.join(", ")),
+                        },
                     ),
                 ] {
                     t.add_row(vec![k.to_string(), v]);

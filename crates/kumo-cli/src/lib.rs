@@ -5,6 +5,8 @@ mod client;
 mod commands;
 mod config;
 mod groups;
+mod ha;
+mod migrate;
 mod networks;
 mod security;
 mod storage;
@@ -14,6 +16,7 @@ pub use client::{Client, ImageWithOperation};
 pub use commands::{follow_operation, wait_for, HostCmd, ImageCmd, Output, TokenCmd, VmCmd};
 pub use config::{config_path, ClientConfig};
 pub use groups::PlacementGroupCmd;
+pub use migrate::{EvacuateArgs, MigrateArgs, MigrationCmd, ReturnArgs};
 pub use networks::{AddressCmd, AddressPoolCmd, NetworkCmd};
 pub use security::{KeyCmd, KeyType, Proto, SgCmd};
 pub use storage::{

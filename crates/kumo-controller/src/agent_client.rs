@@ -78,9 +78,15 @@ impl AgentClient {
             .map_err(|source| AgentError::Unreachable { url, source })
     }
 
-    /// Remove the VM and everything it had on the host. Ok once it is gone.
-    pub async fn delete_vm(&self, host: &HostRow, id: &str) -> Result<(), AgentError> {
-        let url = format!("{}/agent/v1/vms/{id}", host.address);
+    /// Remove the VM and everything it had on the host (but its disk with `keep_disk`: the VM
+    /// lives on another host of the same shared pool). Ok once it is gone.
+    pub async fn delete_vm(
+        &self,
+        host: &HostRow,
+        id: &str,
+        keep_disk: bool,
+    ) -> Result<(), AgentError> {
+        let url = format!("{}/agent/v1/vms/{id}?keep_disk={keep_disk}", host.address);
         let resp = self
             .http
             .delete(&url)
@@ -252,4 +258,124 @@ impl From<AgentError> for crate::OpError {
 /// The bearer credential both directions of agent traffic use: `<host-id>:<secret>`.
 pub fn credential(host: &HostRow) -> String {
     format!("{}:{}", host.id, host.secret)
+}
+
+/// Live-migration calls (see kumo_agent's migrate module).
+impl AgentClient {
+    async fn send_no_content<B: serde::Serialize>(
+        &self,
+        method: reqwest::Method,
+        host: &HostRow,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<(), AgentError> {
+        let url = format!("{}{path}", host.address);
+        let mut req = self
+            .http
+            .request(method, &url)
+            .bearer_auth(credential(host))
+            .timeout(timeout);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        Self::check(&url, req.send().await).await.map(|_| ())
+    }
+
+    /// The disks of a running VM on its host (what a storage migration copies).
+    pub async fn source_disks(
+        &self,
+        host: &HostRow,
+        id: &str,
+    ) -> Result<Vec<kumo_types::migration::SourceDisk>, AgentError> {
+        self.send_json::<(), _>(
+            reqwest::Method::GET,
+            host,
+            &format!("/agent/v1/vms/{id}/disks"),
+            None,
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    /// Ask the destination to get ready (disks, port, paused QEMU listening).
+    pub async fn start_incoming(
+        &self,
+        host: &HostRow,
+        req: &kumo_types::migration::IncomingRequest,
+    ) -> Result<kumo_types::migration::MigrationTarget, AgentError> {
+        self.send_json(
+            reqwest::Method::POST,
+            host,
+            "/agent/v1/migrations",
+            Some(req),
+            Duration::from_secs(300),
+        )
+        .await
+    }
+
+    pub async fn incoming_state(
+        &self,
+        host: &HostRow,
+        id: &str,
+    ) -> Result<kumo_types::migration::IncomingState, AgentError> {
+        self.send_json::<(), _>(
+            reqwest::Method::GET,
+            host,
+            &format!("/agent/v1/migrations/{id}"),
+            None,
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    pub async fn commit_incoming(
+        &self,
+        host: &HostRow,
+        id: &str,
+        c: &kumo_types::migration::CommitIncoming,
+    ) -> Result<(), AgentError> {
+        self.send_no_content(
+            reqwest::Method::POST,
+            host,
+            &format!("/agent/v1/migrations/{id}/commit"),
+            Some(c),
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    pub async fn abort_incoming(&self, host: &HostRow, id: &str) -> Result<(), AgentError> {
+        self.send_no_content::<()>(
+            reqwest::Method::DELETE,
+            host,
+            &format!("/agent/v1/migrations/{id}"),
+            None,
+            Duration::from_secs(60),
+        )
+        .await
+    }
+
+    /// Roll a source back: cancel what is left of the migration, resume the VM.
+    pub async fn resume_source(&self, host: &HostRow, id: &str) -> Result<(), AgentError> {
+        self.send_no_content::<()>(
+            reqwest::Method::POST,
+            host,
+            &format!("/agent/v1/vms/{id}/resume"),
+            None,
+            Duration::from_secs(60),
+        )
+        .await
+    }
+
+    pub async fn cancel_job(&self, host: &HostRow, id: &str) -> Result<(), AgentError> {
+        self.send_no_content::<()>(
+            reqwest::Method::DELETE,
+            host,
+            &format!("/agent/v1/jobs/{id}"),
+            None,
+            Duration::from_secs(10),
+        )
+        .await
+    }
 }

@@ -11,6 +11,13 @@ use crate::{Controller, OpError};
 pub struct HeartbeatResponse {
     /// VMs the host has that the controller does not want anywhere: the agent removes them.
     pub delete: Vec<String>,
+    /// VMs the host has that live on another host of its shared pool now (migrated or failed
+    /// over): the agent removes them but keeps their disks.
+    #[serde(default)]
+    pub forget: Vec<String>,
+    /// HA leases for every VM the controller wants on the host (see `ha`).
+    #[serde(default)]
+    pub leases: Option<kumo_types::agent::LeaseGrant>,
 }
 
 impl Controller {
@@ -58,13 +65,23 @@ impl Controller {
         host: &HostRow,
         hb: &Heartbeat,
     ) -> Result<HeartbeatResponse, OpError> {
+        // The agent counts its leases from before it sent this: counting from now ends later.
+        let received = chrono::Utc::now();
         self.store
             .host_heartbeat(&host.id, &hb.address, &hb.info)
             .await?;
-        if host.state == "down" {
+        if host.state == "fenced" {
+            self.store.unfence_host(&host.id).await?;
+        }
+        if host.state == "down" || host.state == "fenced" {
             self.system_event(None, "host.up", &host.id, "ok", None)
                 .await;
         }
+        // After the heartbeat is recorded: a failover racing this either sees it or moved the
+        // instance before the grant, which then leaves it out.
+        let leases = self.grant_leases(host, received).await?;
+        self.record_fencings(host, &hb.fenced).await;
+        self.observe_path(host, hb.path.as_ref()).await;
         if !hb.repairs.is_empty() {
             // Drift the agent found in its networks and put back (a deleted rule, a killed dnsmasq...).
             let detail = hb.repairs.join("; ");
@@ -79,10 +96,15 @@ impl Controller {
             .map(|r| (r.id.clone(), r))
             .collect();
         let mut delete = Vec::new();
+        let mut forget = Vec::new();
         for vm in &hb.vms {
             match live.remove(&vm.id) {
                 Some(row) => self.fold_observation(&row, vm).await?,
-                None => delete.push(vm.id.clone()),
+                None => match self.elsewhere(host, &vm.id).await? {
+                    Elsewhere::Gone => delete.push(vm.id.clone()),
+                    Elsewhere::SharedPool => forget.push(vm.id.clone()),
+                    Elsewhere::Migrating => {}
+                },
             }
         }
         // What is left was not reported: gone from the host.
@@ -98,11 +120,53 @@ impl Controller {
                 .await;
             }
         }
-        if !delete.is_empty() {
-            tracing::info!(host = %host.id, vms = ?delete, "host has VMs the controller does not want; asking it to remove them");
+        if !delete.is_empty() || !forget.is_empty() {
+            tracing::info!(host = %host.id, vms = ?delete, moved = ?forget, "host has VMs the controller does not want there; asking it to remove them");
             self.wake();
         }
-        Ok(HeartbeatResponse { delete })
+        Ok(HeartbeatResponse {
+            delete,
+            forget,
+            leases: Some(leases),
+        })
+    }
+}
+
+/// What became of a VM a host reports but does not hold in the store.
+enum Elsewhere {
+    /// Terminated or unknown: remove it with its disk.
+    Gone,
+    /// It lives on another host of this host's shared pool: remove it, keep the disk.
+    SharedPool,
+    /// A migration from this host is finishing: that migration removes it.
+    Migrating,
+}
+
+impl Controller {
+    async fn elsewhere(&self, host: &HostRow, id: &str) -> Result<Elsewhere, OpError> {
+        if let Some(m) = self.store.active_migration(id).await? {
+            if m.source_host == host.id || m.dest_host == host.id {
+                return Ok(Elsewhere::Migrating);
+            }
+        }
+        let row = match self.store.instance(&kumo_store::Scope::system(), id).await {
+            Ok(r) => r,
+            Err(kumo_store::StoreError::NotFound { .. }) => return Ok(Elsewhere::Gone),
+            Err(e) => return Err(e.into()),
+        };
+        if row.state == kumo_types::InstanceState::Terminated {
+            return Ok(Elsewhere::Gone);
+        }
+        let Some(now_on) = &row.host_id else {
+            return Ok(Elsewhere::Gone);
+        };
+        let there = self.store.host(now_on).await?;
+        let shared = !host.storage_pool.is_empty() && host.storage_pool == there.storage_pool;
+        Ok(if shared {
+            Elsewhere::SharedPool
+        } else {
+            Elsewhere::Gone
+        })
     }
 }
 

@@ -54,6 +54,10 @@ impl Controller {
                 "count must be 1 to {MAX_BATCH} and min_count 1 to count (got count {count}, min_count {min})"
             )));
         }
+        let ha_priority = req
+            .ha_priority
+            .unwrap_or(kumo_types::api::HA_PRIORITY_DEFAULT);
+        kumo_store::check_ha_priority(ha_priority)?;
         // An imported machine's identity, one machine at a time.
         if let Some(m) = &req.mac {
             if !kumo_types::id::valid_unicast_mac(&m.to_ascii_lowercase()) {
@@ -171,6 +175,8 @@ impl Controller {
                     root_snapshot_id: snapshot.as_ref().map(|s| s.id.clone()),
                     mac: req.mac.as_ref().map(|m| m.to_ascii_lowercase()),
                     smbios_uuid: req.uuid.as_ref().map(|u| u.to_ascii_lowercase()),
+                    ha: req.ha,
+                    ha_priority,
                 }
             })
             .collect();
@@ -312,6 +318,23 @@ impl Controller {
             Ok(Some(n))
         })
         .await
+    }
+
+    /// Turn HA failover on or off and/or set its priority (0..=1000); `None` keeps the value.
+    pub async fn set_instance_ha(
+        &self,
+        scope: &Scope,
+        id: &str,
+        ha: Option<bool>,
+        ha_priority: Option<u32>,
+    ) -> Result<InstanceRow, OpError> {
+        self.store
+            .set_instance_ha(scope, id, ha, ha_priority)
+            .await
+            .map_err(|e| match e {
+                kumo_store::StoreError::Conflict(m) => OpError::IncorrectState(m),
+                other => other.into(),
+            })
     }
 
     /// Replace the instance's (base64) user data; only while stopped.

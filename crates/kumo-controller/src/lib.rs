@@ -4,11 +4,15 @@
 
 mod agent_client;
 mod error;
+mod ha;
 mod hosts;
 mod images;
 mod instances;
+mod evacuate;
+mod migrate;
 mod netpolicy;
 mod networks;
+mod pathwatch;
 mod placement;
 mod reconcile;
 mod security;
@@ -20,6 +24,7 @@ use std::time::Duration;
 
 pub use agent_client::{credential, AgentClient, AgentError};
 pub use error::OpError;
+pub use ha::{DEFAULT_LEASE_TTL, LEASE_MARGIN};
 pub use hosts::HeartbeatResponse;
 pub use instances::{DEFAULT_TYPE, MAX_BATCH};
 use kumo_store::{NewEvent, Store};
@@ -34,6 +39,9 @@ pub struct Config {
     pub backup_dir: PathBuf,
     /// A host that has not sent a heartbeat for this long is `down`.
     pub heartbeat_timeout: Duration,
+    /// HA lease each heartbeat and desired-spec PUT grants a host for its VMs; a host that
+    /// cannot renew kills them when it lapses, and failover waits for it to expire.
+    pub lease_ttl: Duration,
     pub policy: kumo_scheduler::Policy,
     /// The network new instances join.
     pub default_network: String,
@@ -46,6 +54,8 @@ pub struct Controller {
     agents: AgentClient,
     wake: Arc<Notify>,
     decisions: Arc<std::sync::Mutex<placement::Decisions>>,
+    /// Hosts' latest network-path reports (see [`pathwatch`]).
+    paths: Arc<pathwatch::Paths>,
 }
 
 impl Controller {
@@ -56,6 +66,7 @@ impl Controller {
             agents: AgentClient::new()?,
             wake: Arc::new(Notify::new()),
             decisions: Default::default(),
+            paths: Default::default(),
         })
     }
 
@@ -98,6 +109,8 @@ impl Controller {
         tokio::spawn(async move { me.reconcile_loop().await });
         let me = self.clone();
         tokio::spawn(async move { me.schedule_loop().await });
+        let me = self.clone();
+        tokio::spawn(async move { me.ha_loop().await });
         Ok(())
     }
 
@@ -109,10 +122,13 @@ impl Controller {
                 let msg = "the controller restarted during the import; import the image again";
                 self.store.fail_image(&op.target_id, msg).await?;
                 self.store.finish_operation(&op.id, Some(msg)).await?;
+            } else if op.kind == "migrate" {
+                // Driven from the migrations table below.
             } else {
                 self.recover_storage_operation(&op).await?;
             }
         }
+        self.recover_migrations().await?;
         images::remove_stale_temp_files(&self.cfg.image_dir).await;
         Ok(())
     }

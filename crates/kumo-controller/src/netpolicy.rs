@@ -67,6 +67,13 @@ impl Controller {
             .into_iter()
             .filter(|r| r.state != InstanceState::Terminated)
             .collect();
+        // Instances migrating here get their ports before the switch, but not their elastic IPs:
+        // those stay with the host that runs the instance until the switch.
+        let mut rows = rows;
+        for mut r in self.store.instances_arriving(host_id).await? {
+            r.public_ip = None;
+            rows.push(r);
+        }
 
         // Networks and their other hosts' tunnel addresses.
         let net_ids: Vec<String> = rows

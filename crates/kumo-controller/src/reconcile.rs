@@ -38,14 +38,23 @@ impl Controller {
             - chrono::Duration::from_std(self.cfg.heartbeat_timeout).unwrap_or_default();
         for id in self.store.mark_stale_hosts_down(cutoff).await? {
             tracing::warn!(host = %id, "no heartbeat; host is down");
-            self.system_event(
-                None,
-                "host.down",
-                &id,
-                "ok",
-                Some("missed heartbeats".into()),
-            )
-            .await;
+            // With timings: HA failover follows once the host's leases have expired.
+            let last = self
+                .store
+                .host(&id)
+                .await
+                .ok()
+                .and_then(|h| h.last_heartbeat);
+            let detail = match last {
+                Some(t) => format!(
+                    "missed heartbeats: the last one was at {} ({:.1} s ago)",
+                    kumo_store::fmt_time(t),
+                    (chrono::Utc::now() - t).num_milliseconds() as f64 / 1000.0
+                ),
+                None => "missed heartbeats: none ever arrived".into(),
+            };
+            self.system_event(None, "host.down", &id, "ok", Some(detail))
+                .await;
         }
         let rows = self.store.instances_to_push(PUSH_PAGE as i64).await?;
         let n = rows.len();
@@ -77,7 +86,7 @@ impl Controller {
             return Ok(false);
         }
         if row.desired == "terminated" {
-            self.agents().delete_vm(&host, &row.id).await?;
+            self.agents().delete_vm(&host, &row.id, false).await?;
             if self.store.instance_absent_on_host(row).await? {
                 self.system_event(
                     Some(&row.project_id),
@@ -90,8 +99,12 @@ impl Controller {
             }
             return Ok(true);
         }
-        let spec = self.desired_spec(row).await?;
+        let mut spec = self.desired_spec(row).await?;
+        // The host may start the VM on this lease (bounded on its side by its heartbeat lease,
+        // which the failover check already covers); recorded once the host has taken it.
+        spec.lease_ms = Some(self.cfg.lease_ttl.as_millis() as u64);
         let observed = self.agents().put_vm(&host, &spec).await?;
+        self.record_put_lease(row, &host).await;
         self.fold_observation(row, &observed).await?;
         Ok(true)
     }
@@ -153,6 +166,7 @@ impl Controller {
             root_snapshot: row.root_snapshot_id.clone(),
             volumes,
             uuid: row.smbios_uuid.clone(),
+            lease_ms: None,
         })
     }
 }

@@ -253,6 +253,8 @@ mod tests {
             smbios_uuid: None,
             security_group_ids: vec![],
             key_name: None,
+            ha: false,
+            ha_priority: 500,
         }
     }
 

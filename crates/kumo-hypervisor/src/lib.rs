@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 mod backup;
 mod block;
+mod migrate;
 mod qemu;
 pub mod qmp;
 mod sim;
@@ -223,6 +224,16 @@ pub enum HypervisorError {
     /// A block job (backup, mirror) ended with an error; QEMU's message.
     #[error("block job failed: {0}")]
     BlockJobFailed(String),
+    /// The VM is in a state that does not allow this now (e.g. paused after a completed
+    /// migration, or already running when asked to wait for an incoming one).
+    #[error("invalid state: {0}")]
+    InvalidState(String),
+    /// A live migration failed (QEMU's migration error, or the destination is not usable).
+    #[error("migration failed: {0}")]
+    MigrationFailed(String),
+    /// No byte of a migration (memory or mirror) moved for the stall timeout: the link is gone.
+    #[error("migration stalled: {0}")]
+    MigrationStalled(String),
 }
 
 impl HypervisorError {
@@ -258,6 +269,83 @@ pub struct BackupReport {
     pub duration: Duration,
     /// The job's total progress (bytes it had to consider).
     pub bytes_total: u64,
+}
+
+/// How a destination QEMU waits for an incoming migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingSpec {
+    /// Address QEMU listens on for the migration stream and (storage mode) its NBD server.
+    pub listen_ip: std::net::IpAddr,
+    /// Export every disk of the spec over NBD, writable, for the source to mirror into (storage
+    /// migration).
+    pub nbd: bool,
+}
+
+/// What the source needs to migrate into a destination that is ready.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingReady {
+    /// e.g. "tcp:10.252.1.12:49152"
+    pub migrate_uri: String,
+    /// Storage mode: per disk (device id as in DiskSpec: `virtio-disk0` for the root disk unless
+    /// device_id is set), the NBD URI to mirror into, e.g.
+    /// "nbd:10.252.1.12:49153:exportname=virtio-disk0".
+    pub nbd_targets: Vec<NbdTarget>,
+}
+
+/// One disk's NBD export on the destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NbdTarget {
+    pub device_id: String,
+    pub uri: String,
+}
+
+/// How the source migrates into a ready destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateSpec {
+    pub target: IncomingReady,
+    /// QEMU's downtime-limit in ms (default 300 if 0).
+    pub downtime_limit_ms: u64,
+    pub auto_converge: bool,
+    /// Bytes per second for memory and mirror (None: unlimited).
+    pub bandwidth: Option<u64>,
+    /// No byte moved for this long (mirror or memory) = the link is gone: cancel and fail
+    /// (secs; 0 = 20).
+    pub stall_timeout_secs: u64,
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationPhase {
+    Mirroring,
+    Memory,
+    Completed,
+}
+
+/// What [`Hypervisor::migrate`] reports to its progress callback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationProgress {
+    pub phase: MigrationPhase,
+    pub disk_done: u64,
+    pub disk_total: u64,
+    pub ram_done: u64,
+    pub ram_total: u64,
+    pub ram_remaining: u64,
+    /// Memory passes so far (QEMU's dirty-sync-count) and auto-converge throttle %.
+    pub passes: u64,
+    pub throttle_pct: u64,
+}
+
+/// Outcome of a successful [`Hypervisor::migrate`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// From the call to completion (mirror + memory).
+    pub total_ms: u64,
+    /// QEMU's reported downtime (guest paused) in ms.
+    pub downtime_ms: u64,
+    pub ram_bytes: u64,
+    pub disk_bytes: u64,
+    /// Time spent only in the memory phase (QEMU's total-time).
+    pub memory_ms: u64,
 }
 
 /// A hypervisor driver. All methods are idempotent where that makes sense: starting a running VM
@@ -341,6 +429,40 @@ pub trait Hypervisor: Send + Sync + 'static {
         device_id: &str,
         name: &str,
     ) -> Result<(), HypervisorError>;
+    /// Launch `spec` as the destination of an incoming migration: QEMU started paused with
+    /// `-incoming defer -S`, NBD exports of its disks when `inc.nbd`, and `migrate-incoming`
+    /// listening. Ports are chosen free on listen_ip. On error nothing is left running.
+    async fn start_incoming(
+        &self,
+        spec: &VmSpec,
+        inc: &IncomingSpec,
+    ) -> Result<IncomingReady, HypervisorError>;
+    /// Destination, after the source completed: stop the NBD server and `cont`. Idempotent: a
+    /// VM already running is Ok. Fails (leaving the VM paused) if the incoming migration did not
+    /// complete.
+    async fn finish_incoming(&self, id: &str) -> Result<(), HypervisorError>;
+    /// Destination: has the incoming migration completed (QEMU's query-migrate on the
+    /// destination, `completed`)?
+    async fn incoming_completed(&self, id: &str) -> Result<bool, HypervisorError>;
+    /// Source: mirror (if target.nbd_targets is non-empty; every disk the VM has must have a
+    /// target) then migrate memory. Calls `progress` at least every 500 ms; `progress`
+    /// returning false cancels. On success the source is paused (postmigrate) and the mirrors
+    /// are cancelled after completion (targets consistent). On any error or cancel the
+    /// migration and every mirror job are cancelled and the source is left RUNNING (cont if it
+    /// was paused) with its disks unchanged; the error says which step failed (stall, mirror
+    /// error such as ENOSPC on the target, QEMU migration error, cancelled).
+    /// (`for<'p>` is spelled out because async_trait would otherwise turn the elided lifetime
+    /// into one of the method's own; the type is the same.)
+    async fn migrate(
+        &self,
+        id: &str,
+        m: &MigrateSpec,
+        progress: &(dyn for<'p> Fn(&'p MigrationProgress) -> bool + Send + Sync),
+    ) -> Result<MigrationReport, HypervisorError>;
+    /// Source, roll back after a migration that completed (or was left half-way by a crashed
+    /// agent): cancel any migration and mirror job still active, and `cont` if paused.
+    /// Idempotent; Ok on a running VM.
+    async fn resume_after_migration(&self, id: &str) -> Result<(), HypervisorError>;
 }
 
 /// Check that a VM id is safe to use as a directory name and in a QEMU option value.

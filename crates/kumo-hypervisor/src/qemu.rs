@@ -12,6 +12,7 @@
 //! | `console.log` | everything the guest wrote to its serial port |
 //! | `vnc.sock` | VNC server |
 //! | `qemu.log` | QEMU's stdout/stderr of the last start |
+//! | `incoming.json` | while QEMU waits for an incoming migration: the URIs it listens on |
 //!
 //! The directory is the driver's whole state: a new [`QemuDriver`] on the same run root finds the
 //! running VMs (pid file, checked against `/proc/<pid>/cmdline` for `-name kumo-<id>`) and
@@ -59,6 +60,9 @@ const SERIAL_SOCK: &str = "serial.sock";
 const VNC_SOCK: &str = "vnc.sock";
 const CONSOLE_LOG: &str = "console.log";
 const QEMU_LOG: &str = "qemu.log";
+/// The answer of a pending incoming migration (see `migrate::incoming`); it lives only as long
+/// as the QEMU that waits.
+pub(crate) const INCOMING_FILE: &str = "incoming.json";
 
 /// Escape a value for QEMU's `key=value,...` option syntax.
 fn opt(s: &str) -> String {
@@ -602,7 +606,14 @@ impl QemuDriver {
 
     fn clear_runtime_files(&self, id: &str) {
         let dir = self.run_dir(id);
-        for f in [PID_FILE, QMP_SOCK, QMP_AUX_SOCK, SERIAL_SOCK, VNC_SOCK] {
+        for f in [
+            PID_FILE,
+            QMP_SOCK,
+            QMP_AUX_SOCK,
+            SERIAL_SOCK,
+            VNC_SOCK,
+            INCOMING_FILE,
+        ] {
             if let Err(e) = remove_if_exists(&dir.join(f)) {
                 tracing::warn!(%id, error = %e, "cannot remove runtime file");
             }
@@ -674,7 +685,36 @@ impl QemuDriver {
         Ok(())
     }
 
-    async fn launch(&self, spec: &VmSpec, slot: &mut Slot) -> Result<VmInfo, HypervisorError> {
+    /// Launch the destination QEMU of an incoming migration (`-incoming defer -S`), unless one
+    /// runs already. Returns its info and whether this call launched it.
+    pub(crate) async fn launch_incoming(
+        &self,
+        spec: &VmSpec,
+    ) -> Result<(VmInfo, bool), HypervisorError> {
+        validate_spec(spec)?;
+        let slot = self.slot(&spec.id);
+        let mut slot = slot.lock().await;
+        if let Some(pid) = self.live_pid(&mut slot, &spec.id) {
+            let state = self.power_state(&mut slot, &spec.id).await;
+            let info = VmInfo {
+                id: spec.id.clone(),
+                pid: Some(pid),
+                state,
+            };
+            return Ok((info, false));
+        }
+        Self::check_files(spec)?;
+        Ok((self.launch(spec, &mut slot, true).await?, true))
+    }
+
+    /// Start QEMU for `spec`; `incoming`: as a paused migration destination
+    /// (`-incoming defer -S`, ready once QMP reports `inmigrate`).
+    async fn launch(
+        &self,
+        spec: &VmSpec,
+        slot: &mut Slot,
+        incoming: bool,
+    ) -> Result<VmInfo, HypervisorError> {
         let id = &spec.id;
         let dir = self.run_dir(id);
         std::fs::create_dir_all(&dir)
@@ -701,7 +741,13 @@ impl QemuDriver {
         let log2 = log
             .try_clone()
             .map_err(|e| HypervisorError::io("cloning log file handle", e))?;
-        let args = qemu_args(spec, self.inner.accel, &dir);
+        let mut args = qemu_args(spec, self.inner.accel, &dir);
+        if incoming {
+            // -S as well: the guest must not run before the source's last mirror copy landed
+            // and the agent says `cont` (finish_incoming).
+            args.extend(["-incoming", "defer", "-S"].map(String::from));
+        }
+        let ready_status = if incoming { "inmigrate" } else { "running" };
         let mut cmd = match &spec.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -762,7 +808,7 @@ impl QemuDriver {
             }
             if let Some(q) = &qmp {
                 match q.query_status().await {
-                    Ok(s) if s.status == "running" => break None,
+                    Ok(s) if s.status == ready_status => break None,
                     Ok(_) => {}
                     Err(e) => {
                         tracing::debug!(%id, error = %e, "query-status during start failed");
@@ -791,11 +837,15 @@ impl QemuDriver {
         });
         slot.pid = pid;
         slot.qmp = qmp.map(Arc::new);
-        tracing::info!(%id, pid = ?pid, accel = %self.inner.accel, ready_ms = started.elapsed().as_millis() as u64, "VM started");
+        tracing::info!(%id, pid = ?pid, accel = %self.inner.accel, incoming, ready_ms = started.elapsed().as_millis() as u64, "VM started");
         Ok(VmInfo {
             id: id.clone(),
             pid,
-            state: PowerState::Running,
+            state: if incoming {
+                PowerState::Paused
+            } else {
+                PowerState::Running
+            },
         })
     }
 }
@@ -823,7 +873,7 @@ impl Hypervisor for QemuDriver {
             });
         }
         Self::check_files(spec)?;
-        self.launch(spec, &mut slot).await
+        self.launch(spec, &mut slot, false).await
     }
 
     async fn stop(&self, id: &str, timeout: Duration) -> Result<(), HypervisorError> {
@@ -1009,6 +1059,35 @@ impl Hypervisor for QemuDriver {
         name: &str,
     ) -> Result<(), HypervisorError> {
         self.remove_bitmap_impl(id, device_id, name).await
+    }
+
+    async fn start_incoming(
+        &self,
+        spec: &VmSpec,
+        inc: &crate::IncomingSpec,
+    ) -> Result<crate::IncomingReady, HypervisorError> {
+        self.start_incoming_impl(spec, inc).await
+    }
+
+    async fn finish_incoming(&self, id: &str) -> Result<(), HypervisorError> {
+        self.finish_incoming_impl(id).await
+    }
+
+    async fn incoming_completed(&self, id: &str) -> Result<bool, HypervisorError> {
+        self.incoming_completed_impl(id).await
+    }
+
+    async fn migrate(
+        &self,
+        id: &str,
+        m: &crate::MigrateSpec,
+        progress: &(dyn for<'p> Fn(&'p crate::MigrationProgress) -> bool + Send + Sync),
+    ) -> Result<crate::MigrationReport, HypervisorError> {
+        self.migrate_impl(id, m, progress).await
+    }
+
+    async fn resume_after_migration(&self, id: &str) -> Result<(), HypervisorError> {
+        self.resume_after_migration_impl(id).await
     }
 }
 

@@ -14,8 +14,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::{
-    block, validate_id, validate_spec, Accel, AttachedDisk, DiskSpec, Hypervisor, HypervisorError,
-    PowerState, SnapshotReport, SnapshotTarget, VmInfo, VmSpec,
+    block, migrate, validate_id, validate_spec, Accel, AttachedDisk, DiskSpec, Hypervisor,
+    HypervisorError, IncomingReady, IncomingSpec, MigrateSpec, MigrationPhase, MigrationProgress,
+    MigrationReport, NbdTarget, PowerState, SnapshotReport, SnapshotTarget, VmInfo, VmSpec,
 };
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -25,6 +26,23 @@ struct SimVm {
     /// The disks plugged in now (the spec's at start, then hot-plugs).
     #[serde(default)]
     disks: Vec<AttachedDisk>,
+    /// Set by start_incoming: the VM waits (Paused) for a migration.
+    #[serde(default)]
+    incoming: Option<SimIncoming>,
+    /// Paused by a completed outgoing migration (QEMU's `postmigrate`).
+    #[serde(default)]
+    migrated: bool,
+    /// Test hook: the next migrate() fails with this message.
+    #[serde(default)]
+    fail_migration: Option<String>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SimIncoming {
+    inc: IncomingSpec,
+    ready: IncomingReady,
+    /// The simulated stream arrives at once; a test hook can say otherwise.
+    completed: bool,
 }
 
 const STATE_FILE: &str = "sim.json";
@@ -121,6 +139,46 @@ impl SimDriver {
         }
     }
 
+    /// Test hook: whether the incoming migration of a VM waiting for one has completed (it
+    /// completes at once by default).
+    pub fn set_incoming_completed(&self, id: &str, completed: bool) -> Result<(), HypervisorError> {
+        self.with_vm(id, |vm| match vm.incoming.as_mut() {
+            Some(i) => {
+                i.completed = completed;
+                Ok(())
+            }
+            None => Err(HypervisorError::InvalidState(format!(
+                "VM {id} is not an incoming migration"
+            ))),
+        })
+    }
+
+    /// Test hook: the next migrate() of this VM fails with `reason` (the VM keeps running).
+    pub fn fail_next_migration(&self, id: &str, reason: &str) -> Result<(), HypervisorError> {
+        self.with_vm(id, |vm| {
+            vm.fail_migration = Some(reason.to_string());
+            Ok(())
+        })
+    }
+
+    /// Run `f` on a running (or paused) VM and save it.
+    fn with_vm<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut SimVm) -> Result<T, HypervisorError>,
+    ) -> Result<T, HypervisorError> {
+        validate_id(id)?;
+        let mut vms = self.vms();
+        match vms.get_mut(id) {
+            Some(vm) if vm.state != PowerState::Stopped => {
+                let out = f(vm)?;
+                self.save(vm)?;
+                Ok(out)
+            }
+            _ => Err(HypervisorError::NotRunning(id.to_string())),
+        }
+    }
+
     /// Run `f` on the disks of a running (or paused) VM and save the VM.
     fn with_disks<T>(
         &self,
@@ -151,6 +209,48 @@ impl SimDriver {
     }
 }
 
+impl SimVm {
+    fn new(spec: &VmSpec, state: PowerState) -> Self {
+        SimVm {
+            spec: spec.clone(),
+            state,
+            disks: spec
+                .disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| block::sim_disk(block::device_id(i, d), block::node_name(i, d), d))
+                .collect(),
+            incoming: None,
+            migrated: false,
+            fail_migration: None,
+        }
+    }
+}
+
+/// What the simulated destination answers: fixed ports (nothing listens), writable disks only.
+fn sim_ready(spec: &VmSpec, inc: &IncomingSpec) -> IncomingReady {
+    let nbd_targets = if inc.nbd {
+        spec.disks
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| !d.read_only)
+            .map(|(i, d)| {
+                let dev = block::device_id(i, d);
+                NbdTarget {
+                    uri: migrate::nbd_uri(inc.listen_ip, 49153, &dev),
+                    device_id: dev,
+                }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    IncomingReady {
+        migrate_uri: migrate::tcp_uri(inc.listen_ip, 49152),
+        nbd_targets,
+    }
+}
+
 #[async_trait::async_trait]
 impl Hypervisor for SimDriver {
     fn name(&self) -> &'static str {
@@ -174,18 +274,7 @@ impl Hypervisor for SimDriver {
                     });
                 }
             }
-            let vm = SimVm {
-                spec: spec.clone(),
-                state: PowerState::Running,
-                disks: spec
-                    .disks
-                    .iter()
-                    .enumerate()
-                    .map(|(i, d)| {
-                        block::sim_disk(block::device_id(i, d), block::node_name(i, d), d)
-                    })
-                    .collect(),
-            };
+            let vm = SimVm::new(spec, PowerState::Running);
             self.save(&vm)?;
             vms.insert(spec.id.clone(), vm);
         }
@@ -394,6 +483,138 @@ impl Hypervisor for SimDriver {
         _name: &str,
     ) -> Result<(), HypervisorError> {
         validate_id(id)
+    }
+
+    async fn start_incoming(
+        &self,
+        spec: &VmSpec,
+        inc: &IncomingSpec,
+    ) -> Result<IncomingReady, HypervisorError> {
+        validate_spec(spec)?;
+        migrate::check_listen_ip(inc.listen_ip)?;
+        let mut vms = self.vms();
+        if let Some(vm) = vms.get(&spec.id) {
+            if vm.state != PowerState::Stopped {
+                return match &vm.incoming {
+                    Some(i) if vm.state == PowerState::Paused && i.inc == *inc => {
+                        Ok(i.ready.clone())
+                    }
+                    _ => Err(HypervisorError::InvalidState(format!(
+                        "VM {} already runs on this host",
+                        spec.id
+                    ))),
+                };
+            }
+        }
+        let ready = sim_ready(spec, inc);
+        let mut vm = SimVm::new(spec, PowerState::Paused);
+        vm.incoming = Some(SimIncoming {
+            inc: inc.clone(),
+            ready: ready.clone(),
+            completed: true,
+        });
+        self.save(&vm)?;
+        vms.insert(spec.id.clone(), vm);
+        Ok(ready)
+    }
+
+    async fn finish_incoming(&self, id: &str) -> Result<(), HypervisorError> {
+        self.with_vm(id, |vm| {
+            if vm.state == PowerState::Running {
+                return Ok(());
+            }
+            if vm.migrated {
+                return Err(HypervisorError::InvalidState(format!(
+                    "VM {id} is the source of a completed migration, not a destination"
+                )));
+            }
+            match &vm.incoming {
+                Some(i) if i.completed => {
+                    vm.state = PowerState::Running;
+                    Ok(())
+                }
+                _ => Err(HypervisorError::MigrationFailed(format!(
+                    "the incoming migration of VM {id} did not complete; the VM stays paused"
+                ))),
+            }
+        })
+    }
+
+    async fn incoming_completed(&self, id: &str) -> Result<bool, HypervisorError> {
+        self.with_vm(id, |vm| {
+            Ok(!vm.migrated && vm.incoming.as_ref().is_some_and(|i| i.completed))
+        })
+    }
+
+    async fn migrate(
+        &self,
+        id: &str,
+        m: &MigrateSpec,
+        progress: &(dyn for<'p> Fn(&'p MigrationProgress) -> bool + Send + Sync),
+    ) -> Result<MigrationReport, HypervisorError> {
+        migrate::check_migrate_spec(m)?;
+        // Checked and decided under the lock; the callback runs outside it.
+        let (ram, disk) = self.with_vm(id, |vm| {
+            if vm.state != PowerState::Running || vm.migrated {
+                return Err(HypervisorError::InvalidState(format!(
+                    "VM {id} is not running: only a running VM migrates"
+                )));
+            }
+            migrate::check_targets(id, &vm.disks, &m.target.nbd_targets)?;
+            if let Some(reason) = vm.fail_migration.take() {
+                return Err(HypervisorError::MigrationFailed(reason));
+            }
+            let disk: u64 = if m.target.nbd_targets.is_empty() {
+                0
+            } else {
+                vm.disks
+                    .iter()
+                    .filter(|d| !d.read_only)
+                    .map(|d| d.size_bytes)
+                    .sum()
+            };
+            Ok((vm.spec.memory_mib << 20, disk))
+        })?;
+        let p = MigrationProgress {
+            phase: MigrationPhase::Completed,
+            disk_done: disk,
+            disk_total: disk,
+            ram_done: ram,
+            ram_total: ram,
+            ram_remaining: 0,
+            passes: 2,
+            throttle_pct: 0,
+        };
+        if !progress(&p) {
+            return Err(HypervisorError::Cancelled(format!("migration of VM {id}")));
+        }
+        self.with_vm(id, |vm| {
+            vm.state = PowerState::Paused;
+            vm.migrated = true;
+            Ok(())
+        })?;
+        // As if copied at 1 GB/s, with a short switch-over.
+        let memory_ms = 20 + ram / 1_000_000;
+        Ok(MigrationReport {
+            total_ms: memory_ms + disk / 1_000_000,
+            downtime_ms: 15,
+            ram_bytes: ram,
+            disk_bytes: disk,
+            memory_ms,
+        })
+    }
+
+    async fn resume_after_migration(&self, id: &str) -> Result<(), HypervisorError> {
+        self.with_vm(id, |vm| {
+            if vm.incoming.is_some() && vm.state == PowerState::Paused {
+                return Err(HypervisorError::InvalidState(format!(
+                    "VM {id} waits for an incoming migration: it is a destination, not a source"
+                )));
+            }
+            vm.state = PowerState::Running;
+            vm.migrated = false;
+            Ok(())
+        })
     }
 }
 

@@ -136,6 +136,9 @@ pub(crate) async fn apply(
         }
     }
     let mut routes_wanted = Vec::new();
+    // Elastic IPs new on this host: the public network's neighbours still send them to the host
+    // that had them (a migrated instance's old host) until told otherwise.
+    let mut announce: Vec<Ipv4Addr> = Vec::new();
     if let (Some(ext), Some(public)) = (find(ROUTER_OUTSIDE), public) {
         let want: BTreeSet<Ipv4Addr> = net.ports.iter().filter_map(|p| p.public_ip).collect();
         for (a, p) in ext.ipv4_addrs() {
@@ -148,6 +151,7 @@ pub(crate) async fn apply(
             if !has_addr(ext, *a, 32) {
                 batch.push(format!("address add {a}/32 dev {ROUTER_OUTSIDE}"));
                 repairs.push(format!("{ns}: added elastic IP {a}"));
+                announce.push(*a);
             }
         }
         if !ext.is_up() {
@@ -158,6 +162,9 @@ pub(crate) async fn apply(
     }
     if !batch.is_empty() {
         run_batch(ip, ns, &batch).await?;
+    }
+    for a in announce {
+        gratuitous_arp(ip, ns, a).await;
     }
     // Routes after addresses and links are up: a route over a down link is refused.
     if !routes_wanted.is_empty() {
@@ -207,4 +214,23 @@ async fn run_batch(ip: &Path, ns: &str, lines: &[String]) -> Result<(), NetworkE
     input.push('\n');
     let args: Vec<String> = ["-n", ns, "-batch", "-"].map(String::from).to_vec();
     cmd::run(ip, &args, Some(&input)).await.map(|_| ())
+}
+
+/// Tell the public network that `addr` is here now (unsolicited ARP from the router's outside
+/// interface). Best effort: without it neighbours find out when their ARP entry goes stale.
+async fn gratuitous_arp(ip: &Path, ns: &str, addr: Ipv4Addr) {
+    let a = addr.to_string();
+    let attempts: [&[&str]; 2] = [
+        &["arping", "-U", "-c", "1", "-I", ROUTER_OUTSIDE, "-s", &a, &a],
+        &["busybox", "arping", "-U", "-c", "1", "-I", ROUTER_OUTSIDE, "-s", &a, &a],
+    ];
+    for argv in attempts {
+        let mut args: Vec<String> = ["netns", "exec", ns].map(String::from).to_vec();
+        args.extend(argv.iter().map(|s| s.to_string()));
+        match cmd::run(ip, &args, None).await {
+            Ok(_) => return,
+            Err(e) => tracing::debug!(%addr, error = %e, "gratuitous ARP attempt failed"),
+        }
+    }
+    tracing::warn!(%addr, ns, "could not announce the elastic IP (no arping or busybox)");
 }

@@ -88,6 +88,9 @@ async fn beat(inner: &Inner, h: &SimHost) -> Result<(), String> {
         info: h.info.clone(),
         vms,
         repairs: vec![],
+        // Simulated hosts never fence (they ignore leases).
+        fenced: vec![],
+        path: None,
     };
     let url = format!("{}/api/v1/agent/heartbeat", inner.controller);
     let resp = inner

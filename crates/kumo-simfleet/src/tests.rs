@@ -128,6 +128,7 @@ fn spec(id: &str, generation: i64, power: DesiredPower) -> VmDesired {
         root_snapshot: None,
         volumes: vec![],
         uuid: None,
+        lease_ms: None,
     }
 }
 

@@ -61,6 +61,10 @@ pub struct InstanceRow {
     pub root_snapshot_id: Option<String>,
     /// SMBIOS system UUID kept from an imported machine.
     pub smbios_uuid: Option<String>,
+    /// Restarted on another host when its host fails.
+    pub ha: bool,
+    /// Failover order (0..=1000): higher first.
+    pub ha_priority: u32,
 }
 
 /// Launch details the EC2 API records with a new instance; empty for the native API.
@@ -94,6 +98,9 @@ pub struct NewInstance {
     /// Keep an imported machine's identity: its NIC's MAC (else a random one) and SMBIOS UUID.
     pub mac: Option<String>,
     pub smbios_uuid: Option<String>,
+    /// HA failover on, and its priority (checked to be 0..=1000).
+    pub ha: bool,
+    pub ha_priority: u32,
 }
 
 pub use crate::networks::NetworkRow;
@@ -106,7 +113,7 @@ pub struct Observation {
     pub error: Option<String>,
 }
 
-pub(crate) const COLS: &str = "id, project_id, name, image_id, instance_type, vcpus, memory_mib, disk_gib, state, desired, reboot_seq, host_id, network_id, mac, private_ip, generation, observed_generation, last_error, created_at, updated_at, terminated_at, user_data, reservation_id, launch_index, client_token, placement_group_id, requested_site, constraints, key_name, root_snapshot_id, smbios_uuid,
+pub(crate) const COLS: &str = "id, project_id, name, image_id, instance_type, vcpus, memory_mib, disk_gib, state, desired, reboot_seq, host_id, network_id, mac, private_ip, generation, observed_generation, last_error, created_at, updated_at, terminated_at, user_data, reservation_id, launch_index, client_token, placement_group_id, requested_site, constraints, key_name, root_snapshot_id, smbios_uuid, ha, ha_priority,
     (SELECT group_concat(group_id, ' ' ORDER BY position) FROM instance_security_groups WHERE instance_id = instances.id) AS security_group_ids,
     (SELECT public_ip FROM addresses WHERE instance_id = instances.id) AS public_ip,
     (SELECT ipv6_cidr FROM networks WHERE id = instances.network_id) AS network_ipv6";
@@ -159,6 +166,9 @@ pub(crate) fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<InstanceRow> {
         .map(|a| a.to_string()),
         root_snapshot_id: r.try_get("root_snapshot_id")?,
         smbios_uuid: r.try_get("smbios_uuid")?,
+        ha: r.try_get::<i64, _>("ha")? != 0,
+        ha_priority: u32::try_from(r.try_get::<i64, _>("ha_priority")?)
+            .map_err(|_| StoreError::Corrupt("ha_priority"))?,
     })
 }
 
@@ -217,6 +227,7 @@ impl Store {
         let mut names = HashSet::new();
         for n in news {
             kumo_types::id::validate_name(&n.name).map_err(StoreError::Invalid)?;
+            crate::leases::check_ha_priority(n.ha_priority)?;
             if !names.insert(n.name.as_str()) {
                 return Err(StoreError::Invalid(format!(
                     "the name {} is given twice",
@@ -374,9 +385,9 @@ impl Store {
                 .map_err(|_| StoreError::Corrupt("constraints"))?;
             let row = sqlx::query(&format!(
                 "INSERT INTO instances (id, project_id, name, image_id, instance_type, vcpus, memory_mib, disk_gib, state, desired, reboot_seq, host_id, network_id, mac, private_ip, generation, observed_generation, created_at, updated_at,
-                     user_data, reservation_id, launch_index, client_token, placement_group_id, requested_site, constraints, key_name, public_key, root_snapshot_id, smbios_uuid)
+                     user_data, reservation_id, launch_index, client_token, placement_group_id, requested_site, constraints, key_name, public_key, root_snapshot_id, smbios_uuid, ha, ha_priority)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 'running', 0, $9, $10, $11, $12, 1, 0, $13, $13, $14, $15, $16, $17, $18, $19, $20,
-                     $21, (SELECT public_key FROM key_pairs WHERE project_id = $2 AND name = $21), $22, $23)
+                     $21, (SELECT public_key FROM key_pairs WHERE project_id = $2 AND name = $21), $22, $23, $24, $25)
                  RETURNING {COLS}"
             ))
             .bind(new_id(IdKind::Instance))
@@ -402,6 +413,8 @@ impl Store {
             .bind(&new.key_name)
             .bind(&new.root_snapshot_id)
             .bind(&new.smbios_uuid)
+            .bind(i64::from(new.ha))
+            .bind(i64::from(new.ha_priority))
             .fetch_one(&mut *tx)
             .await
             .map_err(|e| {

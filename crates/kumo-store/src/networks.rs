@@ -416,8 +416,12 @@ impl Store {
     /// Ids of hosts running non-terminated instances of the network.
     pub async fn network_hosts(&self, network_id: &str) -> Result<Vec<String>> {
         let rows: Vec<(String,)> = sqlx::query_as(
-            "SELECT DISTINCT host_id FROM instances
-             WHERE network_id = $1 AND state <> 'terminated' AND host_id IS NOT NULL ORDER BY host_id",
+            "SELECT host_id FROM instances
+             WHERE network_id = $1 AND state <> 'terminated' AND host_id IS NOT NULL
+             UNION
+             SELECT m.dest_host FROM migrations m JOIN instances i ON i.id = m.instance_id
+             WHERE i.network_id = $1 AND i.state <> 'terminated' AND m.step NOT IN ('done', 'failed')
+             ORDER BY 1",
         )
         .bind(network_id)
         .fetch_all(&self.pool)

@@ -284,6 +284,16 @@ async fn load(store: &Store) -> Result<Placement> {
             h.instances = r.try_get::<i64, _>("n")? as u32;
         }
     }
+    // Destinations of migrations in flight hold the instance's share until the switch.
+    for (host, vcpus, memory_mib, disk_gib) in crate::migration::reservations(store).await? {
+        if let Some(&i) = p.index.get(&host) {
+            let h = &mut p.hosts[i];
+            h.used_vcpus += vcpus;
+            h.used_memory_mib += memory_mib;
+            h.used_disk_gib += disk_gib;
+            h.instances += 1;
+        }
+    }
     let rows: Vec<(String, String, i64)> = sqlx::query_as(
         "SELECT placement_group_id, host_id, COUNT(*) FROM instances
          WHERE placement_group_id IS NOT NULL AND state <> 'terminated' AND host_id IS NOT NULL

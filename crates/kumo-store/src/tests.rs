@@ -46,6 +46,8 @@ fn new_instance(name: &str, image: &str, network: &str) -> NewInstance {
         root_snapshot_id: None,
         mac: None,
         smbios_uuid: None,
+        ha: false,
+        ha_priority: 500,
     }
 }
 

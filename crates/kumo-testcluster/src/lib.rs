@@ -11,6 +11,7 @@
 //! Teardown happens on [`Cluster::teardown`], on drop, and, if the owner was killed, in the next
 //! [`Cluster::start`] or `kumo dev cluster down` ([`sweep_stale`]).
 
+mod processes;
 mod public;
 mod registry;
 mod sys;
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use kumo_cli::{Client, ClientConfig};
 
+pub use processes::qemu_processes_in;
 pub use registry::{bridge_name, netns_name, public_bridge_name, veth_name, REGISTRY};
 
 /// The public network of every test cluster (documentation range: never routed anywhere).
@@ -358,16 +360,39 @@ impl Cluster {
     }
 
     async fn start_controller(&mut self) -> Result<(), ClusterError> {
+        self.start_controller_on(None).await
+    }
+
+    /// Kill the controller (SIGKILL, as in a crash). Agents and VMs keep running.
+    pub fn kill_controller(&mut self) {
+        self.stop_controller();
+    }
+
+    /// Start the controller again on the same address, with the same store.
+    pub async fn restart_controller(&mut self) -> Result<(), ClusterError> {
+        self.stop_controller();
+        let port = self
+            .endpoint
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok());
+        self.start_controller_on(port).await
+    }
+
+    async fn start_controller_on(&mut self, fixed: Option<u16>) -> Result<(), ClusterError> {
         let ip = format!("10.252.{}.1", self.id);
         let boot = self.spec.dir.join("bootstrap.json");
         let log = self.spec.dir.join("server.log");
         // A port that was free a moment ago can be taken before the server binds it: retry.
         let mut last = String::new();
         for _ in 0..3 {
-            let port = std::net::TcpListener::bind((ip.as_str(), 0))
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .map_err(|e| ClusterError::io(format!("finding a free port on {ip}"), e))?;
+            let port = match fixed {
+                Some(p) => p,
+                None => std::net::TcpListener::bind((ip.as_str(), 0))
+                    .and_then(|l| l.local_addr())
+                    .map(|a| a.port())
+                    .map_err(|e| ClusterError::io(format!("finding a free port on {ip}"), e))?,
+            };
             let (out, err) = log_file(&log)?;
             let mut cmd = Command::new(&self.spec.kumo_bin);
             cmd.args(["server", "--listen", &format!("{ip}:{port}")])
@@ -674,11 +699,20 @@ impl Cluster {
         }
     }
 
-    /// The whole host dies: its agent and every process in its namespace (QEMU, dnsmasq).
-    /// The namespace stays, so `start_agent` brings the host back empty, as after a reboot.
+    /// The whole host dies: its agent and every process in its namespace (QEMU) and in its
+    /// router namespaces (dnsmasq). The namespaces stay, so `start_agent` brings the host back
+    /// empty of processes, as after a reboot.
     pub fn kill_host(&mut self, i: usize) {
         self.crash_agent(i);
-        sys::kill_netns_processes(&self.hosts[i].netns, Duration::from_secs(10));
+        let ns = self.hosts[i].netns.clone();
+        sys::kill_netns_processes(&ns, Duration::from_secs(10));
+        let routers = format!("{ns}-r-");
+        for r in sys::netns_names()
+            .into_iter()
+            .filter(|n| n.starts_with(&routers))
+        {
+            sys::kill_netns_processes(&r, Duration::from_secs(10));
+        }
     }
 
     /// Cut host `i` off the management network (its veth's root end down).
@@ -698,46 +732,6 @@ impl Cluster {
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(sys::failed_output)
-    }
-
-    /// Live processes in host `i`'s namespace.
-    pub fn pids_on(&self, i: usize) -> Vec<u32> {
-        sys::pids_in_netns(&self.hosts[i].netns)
-    }
-
-    /// QEMU processes (not zombies) in host `i`'s namespace, with the instance each runs
-    /// (kumo starts QEMU with `-name kumo-<instance id>`).
-    pub fn qemu_processes_on(&self, i: usize) -> Vec<QemuProcess> {
-        let mut out: Vec<QemuProcess> = self
-            .pids_on(i)
-            .into_iter()
-            .filter_map(|pid| {
-                let args = sys::cmdline(pid);
-                let prog = args.first()?;
-                if !prog.rsplit('/').next()?.starts_with("qemu-system") {
-                    return None;
-                }
-                let name = args
-                    .windows(2)
-                    .find(|w| w[0] == "-name")
-                    .map(|w| w[1].clone())?;
-                let id = name.split(',').next()?.strip_prefix("kumo-")?.to_string();
-                Some(QemuProcess {
-                    pid,
-                    instance_id: id,
-                })
-            })
-            .collect();
-        out.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
-        out
-    }
-
-    /// Instance ids of the QEMU processes running in host `i`'s namespace.
-    pub fn qemu_instances_on(&self, i: usize) -> Vec<String> {
-        self.qemu_processes_on(i)
-            .into_iter()
-            .map(|q| q.instance_id)
-            .collect()
     }
 
     fn teardown_now(&mut self) -> Result<(), ClusterError> {

@@ -16,7 +16,7 @@ impl Cluster {
         sys::ip(&["link", "add", &pb, "type", "bridge"])?;
         sys::ip(&["link", "set", &pb, "up"])?;
         for (i, h) in self.hosts.clone().iter().enumerate() {
-            let veth = format!("kcv{id}p{i}");
+            let veth = self.public_veth(i);
             sys::ip(&[
                 "link", "add", &veth, "type", "veth", "peer", "name", "pubv", "netns", &h.netns,
             ])?;
@@ -61,6 +61,21 @@ impl Cluster {
         sys::ip(&["-n", &outside, "link", "set", "eth0", "up"])?;
         sys::ip(&["-n", &outside, "link", "set", "lo", "up"])?;
         Ok(())
+    }
+
+    /// Cut host `i` off the public network (its VMs' side; management stays): the root end
+    /// of its public veth goes down, as when a cable is pulled.
+    pub fn cut_public(&self, i: usize) -> Result<(), ClusterError> {
+        sys::ip(&["link", "set", &self.public_veth(i), "down"])
+    }
+
+    pub fn restore_public(&self, i: usize) -> Result<(), ClusterError> {
+        sys::ip(&["link", "set", &self.public_veth(i), "up"])
+    }
+
+    /// The root-namespace end of host `i`'s public veth.
+    fn public_veth(&self, i: usize) -> String {
+        format!("kcv{}p{i}", self.id)
     }
 
     /// The namespace standing for the outside world on the public network.

@@ -30,6 +30,10 @@ pub struct VmDesired {
     /// SMBIOS system UUID an imported machine keeps.
     #[serde(default)]
     pub uuid: Option<String>,
+    /// HA lease granted with this PUT, in ms: the agent may start the VM for this long after it
+    /// received the spec (never past its heartbeat lease horizon). Not part of the desired state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -142,6 +146,47 @@ pub struct Heartbeat {
     /// Drift the agent found and repaired since its last heartbeat (network state put back), in words.
     #[serde(default)]
     pub repairs: Vec<String>,
+    /// VMs the agent killed since its last heartbeat because their lease lapsed (self-fencing).
+    #[serde(default)]
+    pub fenced: Vec<FenceReport>,
+    /// The VM-facing network path as the agent's probes see it; `None`: it probes nothing.
+    #[serde(default)]
+    pub path: Option<PathReport>,
+}
+
+/// What an agent's path probes (`kumo agent --probe`) see: a target is failing after 3 failed
+/// probes in a row and answers again after 2 successes, so a brief flap reports nothing.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PathReport {
+    /// Every configured target, as given (`IP` or `IP%IFACE`).
+    pub targets: Vec<String>,
+    /// The targets that are down now (a subset of `targets`).
+    pub failing: Vec<String>,
+}
+
+impl PathReport {
+    /// Every target is down (and there is at least one): the host's VMs are cut off.
+    pub fn all_down(&self) -> bool {
+        !self.targets.is_empty() && self.targets.iter().all(|t| self.failing.contains(t))
+    }
+}
+
+/// One self-fencing: the agent SIGKILLed a VM whose lease lapsed by its own clock.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FenceReport {
+    pub id: String,
+    /// How long before its lease would have ended the VM was killed, ms (negative: after).
+    pub ahead_ms: i64,
+    /// How long before this heartbeat was sent the kill happened, ms.
+    pub ago_ms: u64,
+}
+
+/// The leases a heartbeat answer grants: every VM listed may run for `ttl_ms` from the moment
+/// the agent *sent* that heartbeat (its own monotonic clock), so its view ends first.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeaseGrant {
+    pub ttl_ms: u64,
+    pub vms: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

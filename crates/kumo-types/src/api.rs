@@ -68,6 +68,20 @@ pub struct Host {
     pub memory_overcommit: Option<f64>,
     pub reserved_memory_mib: Option<u64>,
     pub created_at: DateTime<Utc>,
+    /// The VM-facing network path as the host's probes see it (`kumo agent --probe`); absent:
+    /// the host probes nothing, or has not reported since the controller started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<HostPath>,
+}
+
+/// What a host's network-path probes see.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct HostPath {
+    /// `ok` (every target answers), `degraded` (some do not) or `down` (none does: the
+    /// controller moves the host's instances away and marks it `draining`).
+    pub state: String,
+    pub targets: Vec<String>,
+    pub failing: Vec<String>,
 }
 
 /// A host's own placement settings (administrators). Absent fields keep their value.
@@ -238,6 +252,21 @@ pub struct Instance {
     /// The key pair the instance was launched with.
     #[serde(default)]
     pub key_name: Option<String>,
+    /// Restarted on another host when its host fails (its disks must be on a shared pool).
+    #[serde(default)]
+    pub ha: bool,
+    /// Failover order, 0 to 1000: higher restarts first.
+    #[serde(default = "default_ha_priority")]
+    pub ha_priority: u32,
+}
+
+/// Highest HA priority an instance may have (the lowest is 0).
+pub const HA_PRIORITY_MAX: u32 = 1000;
+/// The HA priority of an instance that does not give one.
+pub const HA_PRIORITY_DEFAULT: u32 = 500;
+
+fn default_ha_priority() -> u32 {
+    HA_PRIORITY_DEFAULT
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
@@ -279,12 +308,25 @@ pub struct CreateInstance {
     /// Keep an imported machine's SMBIOS system UUID; unique among live instances.
     #[serde(default)]
     pub uuid: Option<String>,
+    /// Restart it on another host when its host fails (default off).
+    #[serde(default)]
+    pub ha: bool,
+    /// Failover order, 0 to 1000 (default 500): higher restarts first.
+    #[serde(default)]
+    pub ha_priority: Option<u32>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct UpdateInstance {
     /// New instance type; allowed only while the instance is stopped.
+    #[serde(default)]
     pub instance_type: Option<String>,
+    /// Turn HA failover on or off.
+    #[serde(default)]
+    pub ha: Option<bool>,
+    /// Failover order, 0 to 1000: higher restarts first.
+    #[serde(default)]
+    pub ha_priority: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

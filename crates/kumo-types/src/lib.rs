@@ -5,6 +5,7 @@ pub mod agent;
 pub mod api;
 pub mod id;
 pub mod ipv6;
+pub mod migration;
 pub mod networks;
 pub mod security;
 pub mod state;

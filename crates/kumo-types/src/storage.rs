@@ -274,6 +274,8 @@ pub enum JobRequest {
         dest: String,
         format: String,
     },
+    /// Live-migrate a running VM of this host (the source side).
+    Migrate(crate::migration::MigrateOut),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -47,6 +47,9 @@ enum Cmd {
     /// Hypervisor hosts (administrators).
     #[command(subcommand)]
     Host(HostCmd),
+    /// Live migrations (administrators): list, show, cancel.
+    #[command(subcommand)]
+    Migration(kumo_cli::MigrationCmd),
     /// Spread placement groups: keep a service's instances on different hosts.
     #[command(subcommand, name = "placement-group", alias = "pg")]
     PlacementGroup(PlacementGroupCmd),
@@ -148,6 +151,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Vm(c) => Ok(c.run(&client()?).await?),
         Cmd::Image(c) => Ok(c.run(&client()?).await?),
         Cmd::Host(c) => Ok(c.run(&client()?).await?),
+        Cmd::Migration(c) => Ok(c.run(&client()?).await?),
         Cmd::PlacementGroup(c) => Ok(c.run(&client()?).await?),
         Cmd::Sg(c) => Ok(c.run(&client()?).await?),
         Cmd::Key(c) => Ok(c.run(&client()?).await?),

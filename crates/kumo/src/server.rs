@@ -24,8 +24,13 @@ pub struct ServerArgs {
     #[arg(long, default_value = "kumo")]
     pub region: String,
     /// Seconds without a heartbeat before a host is `down`.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 3)]
     pub heartbeat_timeout: u64,
+    /// Seconds of HA lease each heartbeat grants a host for its VMs: a host that cannot renew
+    /// kills its VMs when it lapses, and failover waits for it to expire. Several heartbeat
+    /// intervals long.
+    #[arg(long, default_value_t = 6)]
+    pub lease_ttl: u64,
     /// CIDR of the default network, used when the store is first created.
     #[arg(long, default_value = "10.77.0.0/24")]
     pub default_cidr: String,
@@ -124,7 +129,8 @@ pub struct AgentArgs {
     /// Put VM networks and QEMU in this network namespace (created if missing).
     #[arg(long)]
     pub vm_netns: Option<String>,
-    #[arg(long, default_value_t = 2)]
+    /// Seconds between heartbeats (each renews the host's HA leases).
+    #[arg(long, default_value_t = 1)]
     pub heartbeat_interval: u64,
     /// Seconds a stop waits for the guest to power off before forcing it.
     #[arg(long, default_value_t = 30)]
@@ -168,6 +174,15 @@ pub struct AgentArgs {
     /// Limit each backup to this many MiB a second, so it does not starve the guests' I/O.
     #[arg(long, value_name = "MIB_PER_S")]
     pub backup_rate: Option<u64>,
+    /// A network-path probe target on the VMs' side (repeatable): IP (ICMP echo) or IP%IFACE
+    /// (ARP on that interface, e.g. 203.0.113.1%pub0). When every target stops answering while
+    /// heartbeats still arrive, the controller live-migrates this host's VMs away.
+    #[arg(long = "probe", value_name = "TARGET", value_parser = parse_probe)]
+    pub probes: Vec<kumo_agent::ProbeTarget>,
+}
+
+pub(crate) fn parse_probe(s: &str) -> Result<kumo_agent::ProbeTarget, String> {
+    s.parse().map_err(|e: kumo_agent::ProbeError| e.to_string())
 }
 
 pub(crate) fn parse_pool_kind(s: &str) -> Result<kumo_storage::pool::PoolKind, String> {
@@ -203,6 +218,9 @@ pub struct Bootstrapped {
 }
 
 pub async fn open_controller(a: &ServerArgs) -> anyhow::Result<Bootstrapped> {
+    if !(2..=3600).contains(&a.lease_ttl) {
+        anyhow::bail!("--lease-ttl must be 2 to 3600 seconds, not {}", a.lease_ttl);
+    }
     let data = a.data_dir.clone().unwrap_or_else(crate::default_data_dir);
     let image_dir = data.join("images");
     std::fs::create_dir_all(&image_dir)
@@ -221,6 +239,7 @@ pub async fn open_controller(a: &ServerArgs) -> anyhow::Result<Bootstrapped> {
         image_dir,
         backup_dir,
         heartbeat_timeout: Duration::from_secs(a.heartbeat_timeout),
+        lease_ttl: Duration::from_secs(a.lease_ttl),
         policy: a.policy.policy()?,
         default_network: "default".into(),
     };
@@ -320,6 +339,7 @@ pub fn agent_config(a: &AgentArgs) -> kumo_agent::Config {
         trunk: a.trunk.clone(),
         public_bridge: a.public_bridge.clone(),
         backup_rate: a.backup_rate.map(|m| m.saturating_mul(1 << 20)),
+        probes: a.probes.clone(),
     }
 }
 
@@ -341,5 +361,16 @@ mod tests {
         for bad in ["16", "x:1", "1:y", "0:1024", "4:0", ""] {
             assert!(parse_capacity(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn probe_is_ip_or_ip_percent_iface() {
+        use super::parse_probe;
+        assert_eq!(
+            parse_probe("203.0.113.1%pub0").map(|t| t.to_string()),
+            Ok("203.0.113.1%pub0".to_string())
+        );
+        let e = parse_probe("gw%pub0").expect_err("not an address");
+        assert!(e.contains("not an IP address"), "{e}");
     }
 }

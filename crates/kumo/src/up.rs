@@ -173,6 +173,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         listen: a.listen,
         region: "kumo".into(),
         heartbeat_timeout: 10,
+        lease_ttl: 6,
         default_cidr: "10.77.0.0/24".into(),
         bootstrap_file: None,
         policy: Default::default(),
@@ -215,7 +216,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         hypervisor: "qemu".into(),
         accel: a.accel,
         vm_netns: Some(a.netns.clone()),
-        heartbeat_interval: 2,
+        heartbeat_interval: 1,
         stop_timeout: 30,
         capacity: None,
         labels: vec![],
@@ -229,6 +230,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         trunk: None,
         public_bridge: None,
         backup_rate: None,
+        probes: vec![],
     };
     let agent = kumo_agent::start(server::agent_config(&aargs)).await?;
     ensure_demo_image(&ctl, &data).await?;

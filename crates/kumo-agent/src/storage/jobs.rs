@@ -36,6 +36,7 @@ impl Agent {
                     .await?;
                 Ok(serde_json::json!({ "bytes": bytes }))
             }
+            JobRequest::Migrate(m) => self.run_migration(m, job_id, progress).await,
             JobRequest::Backup { .. } | JobRequest::Restore { .. } => {
                 self.run_backup_job(req, job_id, progress).await
             }

@@ -92,6 +92,8 @@ async fn vm(
         root_snapshot_id: None,
         mac: None,
         smbios_uuid: None,
+        ha: false,
+        ha_priority: 500,
     };
     s.create_instance(scope, &new, |p, _| first_host(p)).await
 }

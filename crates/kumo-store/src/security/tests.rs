@@ -104,6 +104,8 @@ impl Env {
             root_snapshot_id: None,
             mac: None,
             smbios_uuid: None,
+            ha: false,
+            ha_priority: 500,
         };
         let host = self.host.clone();
         self.s
