@@ -10,6 +10,7 @@ mod common;
 mod e2e;
 mod ec2;
 mod ec2compat;
+mod evacuate;
 mod fleet;
 mod ha;
 mod hosts;
