@@ -412,8 +412,9 @@ impl Agent {
         let wants: HashMap<String, bool> = {
             let map = self.vms.map.lock().await;
             map.iter()
-                // An incoming migration's VM is paused and holds no lease until its commit.
-                .filter(|(_, e)| !e.incoming)
+                // An incoming migration's VM is paused and holds no lease until its commit; a VM
+                // without HA is never restarted elsewhere, so it is never fenced.
+                .filter(|(_, e)| !e.incoming && e.rec.desired.ha)
                 .map(|(id, e)| (id.clone(), e.rec.desired.power == DesiredPower::Running))
                 .collect()
         };

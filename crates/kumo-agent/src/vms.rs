@@ -57,10 +57,8 @@ impl Vms {
         // Incoming migrations the agent was receiving when it stopped: the controller commits
         // or aborts them.
         for rec in crate::migrate::load_incoming(data_dir)? {
-            let id = rec.req.desired.id.clone();
-            if !map.contains_key(&id) {
-                map.insert(id, crate::migrate::incoming_entry(&rec));
-            }
+            map.entry(rec.req.desired.id.clone())
+                .or_insert_with(|| crate::migrate::incoming_entry(&rec));
         }
         Ok(Vms {
             map: Mutex::new(map),
@@ -285,11 +283,11 @@ impl Agent {
                 let running = self.hv.state(&d.id).await? != PowerState::Stopped;
                 if !running {
                     // HA: only with a valid lease (checked again after the slow preparation).
-                    if !self.may_start(&d.id) {
+                    if d.ha && !self.may_start(&d.id) {
                         return Ok(());
                     }
                     let spec = self.prepare(d).await?;
-                    if !self.may_start(&d.id) {
+                    if d.ha && !self.may_start(&d.id) {
                         return Ok(());
                     }
                     self.hv.start(&spec).await?;

@@ -74,7 +74,7 @@ impl Controller {
             .collect();
         let constraints =
             kumo_scheduler::parse_constraints(&row.constraints).map_err(OpError::Invalid)?;
-        let policy = self.cfg.policy.clone();
+        let policy = self.cfg.policy;
         let want = req.host.clone();
         let (m, _) = self
             .store

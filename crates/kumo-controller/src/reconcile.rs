@@ -167,6 +167,7 @@ impl Controller {
             volumes,
             uuid: row.smbios_uuid.clone(),
             lease_ms: None,
+            ha: row.ha,
         })
     }
 }

@@ -129,6 +129,7 @@ fn spec(id: &str, generation: i64, power: DesiredPower) -> VmDesired {
         volumes: vec![],
         uuid: None,
         lease_ms: None,
+        ha: false,
     }
 }
 

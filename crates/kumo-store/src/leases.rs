@@ -75,9 +75,11 @@ impl Store {
             check_ha_priority(p)?;
         }
         let cur = self.instance(scope, id_or_name).await?;
-        // Settings only: no generation bump, nothing is pushed to the host.
+        // Turning HA on or off changes what the host enforces (leases), so the spec is pushed
+        // again; the priority only matters to the controller.
         let done = sqlx::query(
-            "UPDATE instances SET ha = COALESCE($2, ha), ha_priority = COALESCE($3, ha_priority), updated_at = $4
+            "UPDATE instances SET generation = generation + CASE WHEN COALESCE($2, ha) <> ha THEN 1 ELSE 0 END,
+                 ha = COALESCE($2, ha), ha_priority = COALESCE($3, ha_priority), updated_at = $4
              WHERE id = $1 AND state <> 'terminated'",
         )
         .bind(&cur.id)

@@ -34,6 +34,11 @@ pub struct VmDesired {
     /// received the spec (never past its heartbeat lease horizon). Not part of the desired state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_ms: Option<u64>,
+    /// HA is on: the VM runs only while it holds a lease (it may be restarted elsewhere when
+    /// its host goes silent, so a host that cannot renew must kill its copy). VMs without HA are
+    /// never restarted elsewhere and are not fenced: a controller outage does not stop them.
+    #[serde(default)]
+    pub ha: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

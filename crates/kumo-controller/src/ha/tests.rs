@@ -272,7 +272,7 @@ async fn a_failed_host_s_ha_instances_restart_elsewhere_by_priority() {
     // fencing; a second pass adds nothing.
     let again = ctl.ha_once(&mut memory).await.expect("pass");
     assert_eq!(again, Default::default());
-    let fo = events(&store, "instance.failover").await;
+    let fo = events(store, "instance.failover").await;
     let oks: Vec<&str> = fo
         .iter()
         .filter(|e| e.1 == "ok")
@@ -289,7 +289,7 @@ async fn a_failed_host_s_ha_instances_restart_elsewhere_by_priority() {
     assert_eq!(off.1, "skipped");
     assert!(off.2.contains("HA is off"), "{off:?}");
     assert_eq!(fo.len(), 4, "{fo:?}");
-    let fenced = events(&store, "host.fenced").await;
+    let fenced = events(store, "host.fenced").await;
     assert_eq!(fenced.len(), 1);
     assert!(fenced[0].2.contains("leases expired at"), "{fenced:?}");
 

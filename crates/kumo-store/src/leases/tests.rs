@@ -279,7 +279,15 @@ async fn ha_settings_are_checked_and_order_the_candidates() {
             .await
             .expect("set");
     assert!(mid.ha && mid.ha_priority == 600);
-    assert_eq!(mid.generation, 1, "settings alone push nothing");
+    assert_eq!(
+        mid.generation, 2,
+        "turning HA on is pushed (the host enforces the lease)"
+    );
+    let mid =
+        w.s.set_instance_ha(&w.admin, &mid.id, None, Some(700))
+            .await
+            .expect("set");
+    assert_eq!(mid.generation, 2, "a priority alone pushes nothing");
 
     let hosts = vec![w.h1.id.clone(), w.h2.id.clone()];
     let order: Vec<String> =

@@ -335,6 +335,26 @@ async fn live_migration_keeps_the_guest_and_survives_faults() {
         )
         .await
         .expect("up again");
+    // A host without room (its memory all reserved for itself) is refused with 503.
+    let _: Value = c
+        .request(
+            "PATCH",
+            &format!("/api/v1/hosts/{other_shared}"),
+            Some(&json!({"reserved_memory_mib": 4096})),
+            None,
+        )
+        .await
+        .expect("reserve all memory");
+    expect_refused(&c, &vm, json!({"host": other_shared}), 503, "host without capacity").await;
+    let _: Value = c
+        .request(
+            "PATCH",
+            &format!("/api/v1/hosts/{other_shared}"),
+            Some(&json!({"reserved_memory_mib": 0})),
+            None,
+        )
+        .await
+        .expect("memory back");
     let m: Vec<Migration> = c
         .get::<kumo_types::api::Page<Migration>>("/api/v1/migrations")
         .await
