@@ -340,7 +340,7 @@ async fn live_migration_keeps_the_guest_and_survives_faults() {
         .request(
             "PATCH",
             &format!("/api/v1/hosts/{other_shared}"),
-            Some(&json!({"reserved_memory_mib": 4096})),
+            Some(&json!({"reserved_memory_mib": 4090})),
             None,
         )
         .await
