@@ -62,9 +62,13 @@ pub fn vm_dir(data_dir: &Path) -> PathBuf {
 }
 
 pub fn load_vms(data_dir: &Path) -> Result<Vec<VmRecord>, AgentError> {
-    let dir = vm_dir(data_dir);
+    load_dir(&vm_dir(data_dir))
+}
+
+/// Every `*.json` record in `dir` (none if the directory does not exist).
+pub fn load_dir<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<Vec<T>, AgentError> {
     let mut out = Vec::new();
-    let rd = match std::fs::read_dir(&dir) {
+    let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
         Err(e) => return Err(AgentError::io(format!("reading {}", dir.display()), e)),
@@ -81,6 +85,15 @@ pub fn load_vms(data_dir: &Path) -> Result<Vec<VmRecord>, AgentError> {
     Ok(out)
 }
 
+/// Remove a record file; one that is not there is fine.
+pub fn remove_record(p: &Path) -> Result<(), AgentError> {
+    match std::fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(AgentError::io(format!("removing {}", p.display()), e)),
+    }
+}
+
 pub fn save_vm(data_dir: &Path, rec: &VmRecord) -> Result<(), AgentError> {
     write_atomic(
         &vm_dir(data_dir).join(format!("{}.json", rec.desired.id)),
@@ -89,10 +102,5 @@ pub fn save_vm(data_dir: &Path, rec: &VmRecord) -> Result<(), AgentError> {
 }
 
 pub fn remove_vm(data_dir: &Path, id: &str) -> Result<(), AgentError> {
-    let p = vm_dir(data_dir).join(format!("{id}.json"));
-    match std::fs::remove_file(&p) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(AgentError::io(format!("removing {}", p.display()), e)),
-    }
+    remove_record(&vm_dir(data_dir).join(format!("{id}.json")))
 }

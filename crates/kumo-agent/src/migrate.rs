@@ -38,23 +38,7 @@ fn incoming_path(data_dir: &Path, id: &str) -> PathBuf {
 }
 
 pub(crate) fn load_incoming(data_dir: &Path) -> Result<Vec<IncomingRecord>, AgentError> {
-    let dir = incoming_dir(data_dir);
-    let rd = match std::fs::read_dir(&dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-        Err(e) => return Err(AgentError::io(format!("reading {}", dir.display()), e)),
-    };
-    let mut out = vec![];
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.extension().and_then(|x| x.to_str()) != Some("json") {
-            continue;
-        }
-        let b =
-            std::fs::read(&p).map_err(|e| AgentError::io(format!("reading {}", p.display()), e))?;
-        out.push(serde_json::from_slice(&b)?);
-    }
-    Ok(out)
+    ledger::load_dir(&incoming_dir(data_dir))
 }
 
 fn save_incoming(data_dir: &Path, rec: &IncomingRecord) -> Result<(), AgentError> {
@@ -65,12 +49,7 @@ fn save_incoming(data_dir: &Path, rec: &IncomingRecord) -> Result<(), AgentError
 }
 
 fn remove_incoming(data_dir: &Path, id: &str) -> Result<(), AgentError> {
-    let p = incoming_path(data_dir, id);
-    match std::fs::remove_file(&p) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(AgentError::io(format!("removing {}", p.display()), e)),
-    }
+    ledger::remove_record(&incoming_path(data_dir, id))
 }
 
 pub(crate) fn incoming_entry(rec: &IncomingRecord) -> VmEntry {
@@ -114,7 +93,10 @@ impl Agent {
     /// The address QEMU listens on for incoming migrations: this agent's advertised host.
     fn migration_ip(&self) -> Result<IpAddr, AgentError> {
         let host = url_host(&self.address).ok_or_else(|| {
-            AgentError::Config(format!("cannot tell this host's address from {}", self.address))
+            AgentError::Config(format!(
+                "cannot tell this host's address from {}",
+                self.address
+            ))
         })?;
         host.parse().map_err(|_| {
             AgentError::Config(format!(
@@ -209,7 +191,8 @@ impl Agent {
             }
         } else {
             // Shared pool: the disks are the source's own files, never made here.
-            for disk in std::iter::once(d.id.as_str()).chain(d.volumes.iter().map(|v| v.id.as_str()))
+            for disk in
+                std::iter::once(d.id.as_str()).chain(d.volumes.iter().map(|v| v.id.as_str()))
             {
                 if self.pool.disk(disk).await?.is_none() {
                     return Err(AgentError::NotFound(format!(
@@ -271,7 +254,8 @@ impl Agent {
         // The lease comes with the commit: the watchdog must find it valid the moment the VM is
         // no longer incoming.
         if let Some(ms) = c.lease_ms {
-            self.grant_lease(id, std::time::Duration::from_millis(ms)).await;
+            self.grant_lease(id, std::time::Duration::from_millis(ms))
+                .await;
         }
         if incoming {
             self.hv.finish_incoming(id).await?;
@@ -405,8 +389,14 @@ mod tests {
 
     #[test]
     fn url_hosts() {
-        assert_eq!(url_host("http://10.0.0.1:8781").as_deref(), Some("10.0.0.1"));
-        assert_eq!(url_host("http://[fd00::1]:80/x").as_deref(), Some("fd00::1"));
+        assert_eq!(
+            url_host("http://10.0.0.1:8781").as_deref(),
+            Some("10.0.0.1")
+        );
+        assert_eq!(
+            url_host("http://[fd00::1]:80/x").as_deref(),
+            Some("fd00::1")
+        );
         assert_eq!(url_host("host.example").as_deref(), Some("host.example"));
     }
 
