@@ -46,10 +46,7 @@ pub async fn list(
     Query(q): Query<MigrationQuery>,
 ) -> Result<Json<Page<Migration>>, ApiError> {
     admin_only(&c)?;
-    let items = st
-        .ctl
-        .migrations(&c.scope(), q.instance.as_deref())
-        .await?;
+    let items = st.ctl.migrations(&c.scope(), q.instance.as_deref()).await?;
     Ok(Json(Page {
         items,
         next_cursor: None,
@@ -92,7 +89,10 @@ pub async fn evacuate(
     ApiJson(req): ApiJson<EvacuateHost>,
 ) -> Result<(StatusCode, Json<Evacuation>), ApiError> {
     admin_only(&c)?;
-    Ok((StatusCode::ACCEPTED, Json(st.ctl.evacuate_host(&id, &req).await?)))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(st.ctl.evacuate_host(&id, &req).await?),
+    ))
 }
 
 #[utoipa::path(post, path = "/api/v1/hosts/{id}/return", tag = "hosts",
@@ -106,5 +106,8 @@ pub async fn return_host(
     ApiJson(req): ApiJson<ReturnHost>,
 ) -> Result<(StatusCode, Json<Evacuation>), ApiError> {
     admin_only(&c)?;
-    Ok((StatusCode::ACCEPTED, Json(st.ctl.return_host(&id, &req).await?)))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(st.ctl.return_host(&id, &req).await?),
+    ))
 }

@@ -276,8 +276,7 @@ impl Controller {
         loop {
             match self.store.migration_row(id).await {
                 Ok(m) if !m.active() => {
-                    return (m.step != "done")
-                        .then(|| m.error.unwrap_or_else(|| "failed".into()))
+                    return (m.step != "done").then(|| m.error.unwrap_or_else(|| "failed".into()))
                 }
                 Ok(_) => {}
                 Err(e) => return Some(e.to_string()),

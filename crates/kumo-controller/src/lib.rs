@@ -4,11 +4,11 @@
 
 mod agent_client;
 mod error;
+mod evacuate;
 mod ha;
 mod hosts;
 mod images;
 mod instances;
-mod evacuate;
 mod migrate;
 mod netpolicy;
 mod networks;

@@ -249,9 +249,7 @@ impl Controller {
                 )))
             }
         }
-        self.store
-            .set_migration_error(&m.id, "cancelled")
-            .await?;
+        self.store.set_migration_error(&m.id, "cancelled").await?;
         if let (Some(job), Ok(src)) = (&m.job_id, self.store.host(&m.source_host).await) {
             if let Err(e) = self.agents().cancel_job(&src, job).await {
                 tracing::warn!(migration = %m.id, error = %e, "could not cancel the source's job; it will be rolled back when it ends");
@@ -326,7 +324,10 @@ impl Controller {
         }
         let src = self.store.host(&m.source_host).await?;
         let dst = self.store.host(&m.dest_host).await?;
-        let row = self.store.instance(&Scope::system(), &m.instance_id).await?;
+        let row = self
+            .store
+            .instance(&Scope::system(), &m.instance_id)
+            .await?;
         let disks = if m.mode == "storage" {
             self.agents().source_disks(&src, &row.id).await?
         } else {

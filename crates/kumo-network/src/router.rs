@@ -221,8 +221,29 @@ async fn run_batch(ip: &Path, ns: &str, lines: &[String]) -> Result<(), NetworkE
 async fn gratuitous_arp(ip: &Path, ns: &str, addr: Ipv4Addr) {
     let a = addr.to_string();
     let attempts: [&[&str]; 2] = [
-        &["arping", "-U", "-c", "1", "-I", ROUTER_OUTSIDE, "-s", &a, &a],
-        &["busybox", "arping", "-U", "-c", "1", "-I", ROUTER_OUTSIDE, "-s", &a, &a],
+        &[
+            "arping",
+            "-U",
+            "-c",
+            "1",
+            "-I",
+            ROUTER_OUTSIDE,
+            "-s",
+            &a,
+            &a,
+        ],
+        &[
+            "busybox",
+            "arping",
+            "-U",
+            "-c",
+            "1",
+            "-I",
+            ROUTER_OUTSIDE,
+            "-s",
+            &a,
+            &a,
+        ],
     ];
     for argv in attempts {
         let mut args: Vec<String> = ["netns", "exec", ns].map(String::from).to_vec();

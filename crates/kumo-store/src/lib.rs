@@ -33,9 +33,9 @@ pub use ec2::TagRow;
 pub use groups::PlacementGroupRow;
 pub use hosts::{host_transition_allowed, HostRow, HostUsage, JoinToken};
 pub use images::{ImageRow, NewImage};
-pub use migration::{MigrationRow, NewMigration, ACTIVE_STEPS};
 pub use instances::{InstanceRow, LaunchExtras, NetworkRow, NewInstance, Observation};
 pub use leases::{check_ha_priority, sort_for_failover, Failover, LeaseRow, HA_PRIORITY_MAX};
+pub use migration::{MigrationRow, NewMigration, ACTIVE_STEPS};
 pub use networks::{
     check_address_pool, AddressPoolRow, AddressPoolUsage, AddressRow, NetworkView, NewNetwork,
     MAX_VLAN_TAG, MAX_VNI, TENANT_PREFIX, VXLAN_MTU,

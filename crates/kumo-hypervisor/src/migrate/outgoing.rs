@@ -575,7 +575,10 @@ mod tests {
 
     #[test]
     fn endpoints() {
-        assert_eq!(uri_endpoint("tcp:10.0.0.1:4444"), Some(("10.0.0.1", "4444")));
+        assert_eq!(
+            uri_endpoint("tcp:10.0.0.1:4444"),
+            Some(("10.0.0.1", "4444"))
+        );
         assert_eq!(
             uri_endpoint("nbd:10.0.0.1:5:exportname=virtio-disk0"),
             Some(("10.0.0.1", "5"))

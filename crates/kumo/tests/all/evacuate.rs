@@ -203,7 +203,10 @@ async fn evacuate_return_and_rolling_agent_restart() {
     assert_eq!(op.state, "succeeded", "{op:?}");
     step(
         t0,
-        &format!("evacuated 3 VMs in {:.1} s", started.elapsed().as_secs_f64()),
+        &format!(
+            "evacuated 3 VMs in {:.1} s",
+            started.elapsed().as_secs_f64()
+        ),
     );
     assert!(cluster.qemu_instances_on(0).is_empty(), "h1 runs no VM");
     for id in &vms {
@@ -212,7 +215,11 @@ async fn evacuate_return_and_rolling_agent_restart() {
         let i = c.instance(id).await.expect("instance");
         assert_eq!(i.state, InstanceState::Running);
         let n = counter(&c, id).await;
-        assert!(n > before[id], "{id}: counter went on ({} -> {n})", before[id]);
+        assert!(
+            n > before[id],
+            "{id}: counter went on ({} -> {n})",
+            before[id]
+        );
     }
 
     // Rolling upgrade of an agent: it restarts, its VMs do not.
@@ -238,10 +245,17 @@ async fn evacuate_return_and_rolling_agent_restart() {
         .iter()
         .map(|p| p.pid)
         .collect();
-    assert_eq!(pids, after, "the VMs' QEMU processes outlived the agent restart");
+    assert_eq!(
+        pids, after,
+        "the VMs' QEMU processes outlived the agent restart"
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        cluster.qemu_processes_on(busy).iter().map(|p| p.pid).collect::<Vec<_>>(),
+        cluster
+            .qemu_processes_on(busy)
+            .iter()
+            .map(|p| p.pid)
+            .collect::<Vec<_>>(),
         pids,
         "and the new agent did not fence them"
     );

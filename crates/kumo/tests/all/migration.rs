@@ -289,11 +289,17 @@ async fn live_migration_keeps_the_guest_and_survives_faults() {
         assert_eq!(wait_end(&c, &m.id).await.step, "done");
         i = instance(&c, &vm).await;
     }
-    let addr: Value = c.post("/api/v1/addresses", &json!({})).await.expect("allocate");
+    let addr: Value = c
+        .post("/api/v1/addresses", &json!({}))
+        .await
+        .expect("allocate");
     let eip = addr["public_ip"].as_str().expect("ip").to_string();
     let _: Value = c
         .post(
-            &format!("/api/v1/addresses/{}/associate", addr["id"].as_str().expect("id")),
+            &format!(
+                "/api/v1/addresses/{}/associate",
+                addr["id"].as_str().expect("id")
+            ),
             &json!({"instance_id": vm}),
         )
         .await
@@ -302,7 +308,9 @@ async fn live_migration_keeps_the_guest_and_survives_faults() {
     let outside = cluster.outside_netns();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !std::process::Command::new("ip")
-        .args(["netns", "exec", &outside, "timeout", "3", "busybox", "wget", "-q", "-O", "-"])
+        .args([
+            "netns", "exec", &outside, "timeout", "3", "busybox", "wget", "-q", "-O", "-",
+        ])
         .arg(&url)
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).contains(&vm))
@@ -311,14 +319,27 @@ async fn live_migration_keeps_the_guest_and_survives_faults() {
         assert!(Instant::now() < deadline, "the outside never reached {url}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    step(t0, &format!("{vm} runs on {}, reachable at {eip}", host_name(&c, &i).await));
+    step(
+        t0,
+        &format!(
+            "{vm} runs on {}, reachable at {eip}",
+            host_name(&c, &i).await
+        ),
+    );
 
     // --- Bad input: nothing starts, nothing changes. ---
     let here = host_name(&c, &i).await;
     expect_refused(&c, &vm, json!({"host": here}), 400, "same host").await;
     expect_refused(&c, &vm, json!({"host": "nowhere"}), 404, "unknown host").await;
     expect_refused(&c, &vm, json!({"downtime_ms": 0}), 400, "zero downtime").await;
-    expect_refused(&c, &vm, json!({"downtime_ms": 600000}), 400, "huge downtime").await;
+    expect_refused(
+        &c,
+        &vm,
+        json!({"downtime_ms": 600000}),
+        400,
+        "huge downtime",
+    )
+    .await;
     let other_shared = if here == "h1" { "h2" } else { "h1" };
     let _: Value = c
         .post(
@@ -327,7 +348,14 @@ async fn live_migration_keeps_the_guest_and_survives_faults() {
         )
         .await
         .expect("maintenance");
-    expect_refused(&c, &vm, json!({"host": other_shared}), 409, "host in maintenance").await;
+    expect_refused(
+        &c,
+        &vm,
+        json!({"host": other_shared}),
+        409,
+        "host in maintenance",
+    )
+    .await;
     let _: Value = c
         .post(
             &format!("/api/v1/hosts/{other_shared}/state"),
@@ -345,7 +373,14 @@ async fn live_migration_keeps_the_guest_and_survives_faults() {
         )
         .await
         .expect("reserve all memory");
-    expect_refused(&c, &vm, json!({"host": other_shared}), 503, "host without capacity").await;
+    expect_refused(
+        &c,
+        &vm,
+        json!({"host": other_shared}),
+        503,
+        "host without capacity",
+    )
+    .await;
     let _: Value = c
         .request(
             "PATCH",
@@ -380,7 +415,10 @@ async fn live_migration_keeps_the_guest_and_survives_faults() {
     let dest = cluster.host_index(other_shared).expect("index");
     let src = cluster.host_index(&here).expect("index");
     assert!(cluster.qemu_instances_on(dest).contains(&vm));
-    assert!(!cluster.qemu_instances_on(src).contains(&vm), "the source copy is gone");
+    assert!(
+        !cluster.qemu_instances_on(src).contains(&vm),
+        "the source copy is gone"
+    );
     assert!(
         sp_dir.join("disks").join(format!("{vm}.json")).exists(),
         "the shared disk stays"
@@ -394,7 +432,10 @@ async fn live_migration_keeps_the_guest_and_survives_faults() {
             m.stats
         ),
     );
-    assert!(ok > 0 && failed <= 5, "{failed} failed requests during the switch");
+    assert!(
+        ok > 0 && failed <= 5,
+        "{failed} failed requests during the switch"
+    );
 
     // --- Storage migration to h3 (its own pool): the disk goes over NBD. ---
     let prober = Prober::start(outside.clone(), url.clone(), vm.clone());
@@ -427,7 +468,10 @@ async fn live_migration_keeps_the_guest_and_survives_faults() {
             m.stats
         ),
     );
-    assert!(ok > 0 && failed <= 5, "{failed} failed requests during the switch");
+    assert!(
+        ok > 0 && failed <= 5,
+        "{failed} failed requests during the switch"
+    );
 
     // Back to h1 by storage migration, slowly, for the faults: each must leave the VM on h3.
     // Real data on the disk makes the mirror take a while at 8 MiB/s; auto-converge makes sure
@@ -455,12 +499,17 @@ async fn live_migration_keeps_the_guest_and_survives_faults() {
             let n = disk_counter(&c, &vm).await;
             tokio::time::sleep(Duration::from_secs(1)).await;
             let n2 = disk_counter(&c, &vm).await;
-            assert!(n2 > n, "{label}: the guest at the source runs on ({n} -> {n2})");
+            assert!(
+                n2 > n,
+                "{label}: the guest at the source runs on ({n} -> {n2})"
+            );
         }
     };
 
     // 1. The destination agent killed mid-transfer.
-    let m = start_migration(&c, &vm, slow.clone()).await.expect("migrate");
+    let m = start_migration(&c, &vm, slow.clone())
+        .await
+        .expect("migrate");
     wait_transfer(&c, &m.id, 0.1).await;
     cluster.crash_agent(h1);
     let end = wait_end(&c, &m.id).await;
@@ -468,10 +517,15 @@ async fn live_migration_keeps_the_guest_and_survives_faults() {
     check_source("destination agent killed").await;
     cluster.start_agent(h1).expect("agent back");
     nothing_left(&cluster, h1, &vm, &h1_pool).await;
-    step(t0, &format!("destination agent killed: rolled back ({:?})", end.error));
+    step(
+        t0,
+        &format!("destination agent killed: rolled back ({:?})", end.error),
+    );
 
     // 2. The destination's QEMU killed mid-transfer.
-    let m = start_migration(&c, &vm, slow.clone()).await.expect("migrate");
+    let m = start_migration(&c, &vm, slow.clone())
+        .await
+        .expect("migrate");
     wait_transfer(&c, &m.id, 0.1).await;
     let victim: Vec<u32> = cluster
         .qemu_processes_on(h1)
@@ -479,7 +533,10 @@ async fn live_migration_keeps_the_guest_and_survives_faults() {
         .filter(|p| p.instance_id == vm)
         .map(|p| p.pid)
         .collect();
-    assert!(!victim.is_empty(), "the destination QEMU runs during the transfer");
+    assert!(
+        !victim.is_empty(),
+        "the destination QEMU runs during the transfer"
+    );
     for pid in victim {
         unsafe {
             libc::kill(pid as i32, libc::SIGKILL);
@@ -489,10 +546,15 @@ async fn live_migration_keeps_the_guest_and_survives_faults() {
     assert_eq!(end.step, "failed", "{end:?}");
     check_source("destination QEMU killed").await;
     nothing_left(&cluster, h1, &vm, &h1_pool).await;
-    step(t0, &format!("destination QEMU killed: rolled back ({:?})", end.error));
+    step(
+        t0,
+        &format!("destination QEMU killed: rolled back ({:?})", end.error),
+    );
 
     // 3. The controller killed mid-transfer, then started again.
-    let m = start_migration(&c, &vm, slow.clone()).await.expect("migrate");
+    let m = start_migration(&c, &vm, slow.clone())
+        .await
+        .expect("migrate");
     wait_transfer(&c, &m.id, 0.1).await;
     cluster.kill_controller();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -502,10 +564,15 @@ async fn live_migration_keeps_the_guest_and_survives_faults() {
     assert_eq!(end.step, "failed", "{end:?}");
     check_source("controller killed").await;
     nothing_left(&cluster, h1, &vm, &h1_pool).await;
-    step(t0, &format!("controller killed: rolled back ({:?})", end.error));
+    step(
+        t0,
+        &format!("controller killed: rolled back ({:?})", end.error),
+    );
 
     // 4. The migration link cut mid-transfer (the destination's management veth down).
-    let m = start_migration(&c2, &vm, slow.clone()).await.expect("migrate");
+    let m = start_migration(&c2, &vm, slow.clone())
+        .await
+        .expect("migrate");
     wait_transfer(&c2, &m.id, 0.1).await;
     cluster.cut_mgmt(h1).expect("cut");
     let end = wait_end(&c2, &m.id).await;
@@ -517,7 +584,9 @@ async fn live_migration_keeps_the_guest_and_survives_faults() {
 
     // 5. The destination pool fills up mid-transfer: move the VM to h1, then back towards h3
     //    (its pool is a small tmpfs) and fill that pool while the disk streams in.
-    let m = start_migration(&c2, &vm, json!({"host": "h1"})).await.expect("to h1");
+    let m = start_migration(&c2, &vm, json!({"host": "h1"}))
+        .await
+        .expect("to h1");
     let m = wait_end(&c2, &m.id).await;
     assert_eq!(m.step, "done", "{m:?}");
     let m = start_migration(
@@ -525,8 +594,8 @@ async fn live_migration_keeps_the_guest_and_survives_faults() {
         &vm,
         json!({"host": "h3", "bandwidth": 8 * 1024 * 1024, "auto_converge": true}),
     )
-        .await
-        .expect("migrate to the small pool");
+    .await
+    .expect("migrate to the small pool");
     wait_transfer(&c2, &m.id, 0.1).await;
     let filler = h3_pool.join("filler");
     let _ = std::process::Command::new("dd")
@@ -543,7 +612,10 @@ async fn live_migration_keeps_the_guest_and_survives_faults() {
     let n = disk_counter(&c2, &vm).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(disk_counter(&c2, &vm).await > n, "the guest runs on at h1");
-    step(t0, &format!("destination pool full: rolled back ({:?})", end.error));
+    step(
+        t0,
+        &format!("destination pool full: rolled back ({:?})", end.error),
+    );
 
     // Events record each migration with its timings.
     let events: Value = c2.get("/api/v1/events?limit=500").await.expect("events");
