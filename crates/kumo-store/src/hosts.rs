@@ -246,12 +246,15 @@ impl Store {
         Ok(())
     }
 
-    /// Mark `up` hosts whose last heartbeat is older than `cutoff` as `down`; returns their ids.
+    /// Mark hosts whose last heartbeat is older than `cutoff` as `down`; returns their ids. A
+    /// host in maintenance or draining that dies goes `down` too, so HA fails it over: HA never
+    /// has to be switched off for maintenance (when it heartbeats again it comes back `up`).
     pub async fn mark_stale_hosts_down(&self, cutoff: DateTime<Utc>) -> Result<Vec<String>> {
         let mut placement = self.placement().await?;
         let rows: Vec<(String,)> = sqlx::query_as(
             "UPDATE hosts SET state = 'down', generation = generation + 1
-             WHERE state = 'up' AND (last_heartbeat IS NULL OR last_heartbeat < $1) RETURNING id",
+             WHERE state IN ('up', 'maintenance', 'draining')
+               AND (last_heartbeat IS NULL OR last_heartbeat < $1) RETURNING id",
         )
         .bind(fmt_time(cutoff))
         .fetch_all(&self.pool)

@@ -332,6 +332,17 @@ async fn host_states_follow_checked_transitions() {
         s.set_host_state("h1", "down").await,
         Err(StoreError::Invalid(_))
     ));
+    // A host that dies in maintenance goes down (HA fails it over), and comes back up.
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    assert_eq!(
+        s.mark_stale_hosts_down(later).await.expect("stale"),
+        vec![h.id.clone()]
+    );
+    assert_eq!(s.host("h1").await.expect("h1").state, "down");
+    s.host_heartbeat(&h.id, "http://x", &info())
+        .await
+        .expect("heartbeat");
+    assert_eq!(s.host("h1").await.expect("h1").state, "up");
     assert_eq!(s.set_host_state("h1", "up").await.expect("up").state, "up");
     // A revoked join token no longer admits hosts.
     assert!(s.join_token_valid(&b.join_token).await.expect("valid"));
