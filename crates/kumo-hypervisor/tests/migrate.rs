@@ -399,9 +399,11 @@ async fn stalled_destination_fails_and_source_runs_on() {
     assert!(matches!(err, HypervisorError::MigrationStalled(_)), "{err}");
     assert!(took < Duration::from_secs(2 + 7), "{took:?}");
     assert_source_intact(&src, &id).await;
-    assert_eq!(
-        migration_status(&src.qmp(&id).await.unwrap()).await,
-        "cancelled"
+    // Cancelled, or failed when its dead connection was closed from outside first.
+    let status = migration_status(&src.qmp(&id).await.unwrap()).await;
+    assert!(
+        status == "cancelled" || status == "failed",
+        "migration status {status}"
     );
     dst.kill(&id).await.unwrap();
     src.kill(&id).await.unwrap();
@@ -479,9 +481,11 @@ async fn resume_after_completed_and_half_done_migrations() {
         .unwrap();
     src.resume_after_migration(&id).await.unwrap();
     assert_source_intact(&src, &id).await;
-    assert_eq!(
-        migration_status(&src.qmp(&id).await.unwrap()).await,
-        "cancelled"
+    // Cancelled, or failed when its dead connection was closed from outside first.
+    let status = migration_status(&src.qmp(&id).await.unwrap()).await;
+    assert!(
+        status == "cancelled" || status == "failed",
+        "migration status {status}"
     );
     // A cancelled incoming migration ends QEMU 7.2's destination by itself; kill is Ok anyway.
     dst.kill(&id).await.unwrap();
