@@ -276,13 +276,20 @@ impl Agent {
             // Committed before (a retried call): make sure it runs.
             self.hv.finish_incoming(id).await?;
         }
-        self.note_attached(id).await;
-        // The elastic IP moves here now (the policy names this host for the instance).
-        if let Err(e) = self.refresh_policy().await {
-            tracing::warn!(vm = %id, error = %chain(&e), "policy refresh after a migration");
-        }
-        self.apply_network().await?;
-        self.beat.notify_one();
+        // The elastic IP moves here now (the policy names this host for the instance). In the
+        // background: the controller's wait for this answer is part of the migration's end.
+        let me = self.clone();
+        let vm = id.to_string();
+        tokio::spawn(async move {
+            me.note_attached(&vm).await;
+            if let Err(e) = me.refresh_policy().await {
+                tracing::warn!(vm = %vm, error = %chain(&e), "policy refresh after a migration");
+            }
+            if let Err(e) = me.apply_network().await {
+                tracing::warn!(vm = %vm, error = %chain(&e), "network apply after a migration");
+            }
+            me.beat.notify_one();
+        });
         Ok(())
     }
 

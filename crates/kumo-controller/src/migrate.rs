@@ -24,7 +24,9 @@ use kumo_types::storage::JobRequest;
 
 use crate::{AgentClient, Controller, OpError};
 
-const POLL: Duration = Duration::from_millis(300);
+/// How often the source's job is read: its end pauses the guest until the destination is
+/// committed, so it is read often (a cheap local call on the agent).
+const POLL: Duration = Duration::from_millis(50);
 /// How long the source agent may stay silent during the transfer before the migration is rolled back.
 const SOURCE_SILENCE: Duration = Duration::from_secs(30);
 /// Between attempts of a rollback or commit call to a host that does not answer.
@@ -293,14 +295,14 @@ impl Controller {
         let started = Instant::now();
         let result = match m.step.as_str() {
             "prepare" | "transfer" => self.transfer(&m).await,
-            "switch" | "cleanup" => Ok(None),
+            "switch" | "cleanup" => Ok((None, None)),
             _ => Err(OpError::Internal(
                 "the controller restarted while rolling back".into(),
             )),
         };
         match result {
-            Ok(stats) => {
-                self.finish_switch(&m, stats, started).await;
+            Ok((stats, seen)) => {
+                self.finish_switch(&m, stats, seen, started).await;
             }
             Err(e) => {
                 let msg = match self.store.migration_row(&m.id).await {
@@ -314,8 +316,12 @@ impl Controller {
         }
     }
 
-    /// `prepare` and `transfer`; Ok with the source's report once the destination has it all.
-    async fn transfer(&self, m: &MigrationRow) -> Result<Option<serde_json::Value>, OpError> {
+    /// `prepare` and `transfer`; the source's report, and when its end was seen (the guest is
+    /// paused from then until the destination is committed).
+    async fn transfer(
+        &self,
+        m: &MigrationRow,
+    ) -> Result<(Option<serde_json::Value>, Option<Instant>), OpError> {
         if m.step == "transfer" && m.job_id.is_some() {
             // Left by a previous controller: its job may have finished long ago; start over.
             return Err(OpError::Internal(
@@ -382,7 +388,7 @@ impl Controller {
             }
             match j.state.as_str() {
                 "running" => continue,
-                "succeeded" => break j.result,
+                "succeeded" => break (j.result, Instant::now()),
                 _ => {
                     return Err(OpError::Conflict(
                         j.error.unwrap_or_else(|| "the migration failed".into()),
@@ -390,17 +396,26 @@ impl Controller {
                 }
             }
         };
-        // The destination must hold the whole stream before anything is switched.
-        let state = self.agents().incoming_state(&dst, &row.id).await?;
-        if !state.completed {
-            return Err(OpError::Conflict(
-                "the destination did not receive the whole migration".into(),
-            ));
+        // The destination must hold the whole stream before anything is switched. The source
+        // ends once the destination has loaded it (return path), but the destination's own
+        // status may say so a moment later.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let state = self.agents().incoming_state(&dst, &row.id).await?;
+            if state.completed {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(OpError::Conflict(
+                    "the destination did not receive the whole migration".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let dest_pool = dst.pool_name.clone();
         self.store.switch_migration(m, &dest_pool).await?;
         self.store.set_operation_progress(&m.id, 0.97).await?;
-        Ok(report)
+        Ok((report.0, Some(report.1)))
     }
 
     async fn cancelled(&self, m: &MigrationRow) -> bool {
@@ -412,6 +427,7 @@ impl Controller {
         &self,
         m: &MigrationRow,
         report: Option<serde_json::Value>,
+        seen: Option<Instant>,
         started: Instant,
     ) {
         let lease_ms = Some(self.cfg.lease_ttl.as_millis() as u64);
@@ -432,6 +448,9 @@ impl Controller {
                 }
             }
         }
+        // From the source's end (paused) to the destination running, as seen from here: the
+        // guest's pause is QEMU's downtime plus this (plus up to one poll).
+        let switch_ms = seen.map(|t| t.elapsed().as_millis() as u64);
         let _ = self.store.set_migration_step(&m.id, "cleanup", None).await;
         self.wake();
         let keep_disk = m.mode == "shared";
@@ -465,6 +484,9 @@ impl Controller {
                     "controller_ms".into(),
                     serde_json::json!(started.elapsed().as_millis() as u64),
                 );
+                if let Some(ms) = switch_ms {
+                    o.insert("switch_ms".into(), serde_json::json!(ms));
+                }
             }
             r
         });
@@ -583,7 +605,7 @@ impl Controller {
             // The VM is gone from the source (terminated meanwhile): nothing to resume.
             Err(e) if AgentClient::is_not_found(&e) => true,
             Err(e) => {
-                tracing::debug!(migration = %m.id, error = %e, "source not resumed yet");
+                tracing::warn!(migration = %m.id, error = %e, "source not resumed yet");
                 false
             }
         }

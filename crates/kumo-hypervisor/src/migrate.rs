@@ -38,6 +38,9 @@ pub(crate) const JOB_PREFIX: &str = "mig-";
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often jobs and the migration are polled (the progress callback is called as often).
 const POLL: Duration = Duration::from_millis(250);
+/// The memory phase is short and its end pauses the guest until the controller commits the
+/// destination: notice it quickly.
+pub(crate) const MEMORY_POLL: Duration = Duration::from_millis(20);
 /// A cancelled job or migration gets this long before its sockets are yanked…
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
 /// …and this long after.

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::{
     cancel_migration, cancel_mirrors, check_nbd_uri, check_tcp_uri, exec, mirror_jobs, qmp_err,
-    roll_back, JOB_PREFIX, POLL,
+    roll_back, JOB_PREFIX, MEMORY_POLL, POLL,
 };
 use crate::qmp::Qmp;
 use crate::{
@@ -380,7 +380,7 @@ impl Run<'_> {
             let p = Self::progress_of(MigrationPhase::Memory, &d, &mig);
             self.stalled(p.ram_done + d.done, "migrating memory", false)?;
             self.report(p)?;
-            tokio::time::sleep(POLL).await;
+            tokio::time::sleep(MEMORY_POLL).await;
         };
         tracing::info!(id = %self.id, ms = started.elapsed().as_millis() as u64, "memory migration completed; source paused");
 
