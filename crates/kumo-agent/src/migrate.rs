@@ -65,6 +65,7 @@ pub(crate) fn incoming_entry(rec: &IncomingRecord) -> VmEntry {
         op: Arc::default(),
         attached: vec![],
         incoming: true,
+        deleting: false,
     }
 }
 

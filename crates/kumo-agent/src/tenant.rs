@@ -148,7 +148,7 @@ impl Agent {
         let infos: HashMap<&str, _> = policy.networks.iter().map(|n| (n.id.as_str(), n)).collect();
         let mut nets: BTreeMap<String, (NetworkSpec, Vec<PortSpec>)> = BTreeMap::new();
         let mut metadata = HashMap::new();
-        for e in self.vms.map.lock().await.values() {
+        for e in self.vms.map.lock().await.values().filter(|e| !e.deleting) {
             let d = &e.rec.desired;
             let n = &d.nic;
             let info = infos.get(n.network.id.as_str());

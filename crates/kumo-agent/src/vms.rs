@@ -30,6 +30,9 @@ pub struct VmEntry {
     /// The destination side of a live migration not committed yet: its QEMU waits paused for the
     /// migration stream; no worker converges it and it holds no lease.
     pub incoming: bool,
+    /// Being deleted: its network is rendered without it while heartbeats still report it, so
+    /// the controller never sees it gone before its traces are.
+    pub deleting: bool,
 }
 
 #[derive(Default)]
@@ -51,6 +54,7 @@ impl Vms {
                     op: Arc::default(),
                     attached: vec![],
                     incoming: false,
+                    deleting: false,
                 },
             );
         }
@@ -140,6 +144,7 @@ impl Agent {
                             op: Arc::default(),
                             attached: vec![],
                             incoming: false,
+                            deleting: false,
                         },
                     );
                     new_vm = Some(wake);
@@ -389,19 +394,21 @@ impl Agent {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(AgentError::io(format!("removing {}", dir.display()), e)),
         }
-        let existed = {
-            let mut map = self.vms.map.lock().await;
-            let e = map.remove(id);
-            if let Some(e) = &e {
-                e.wake.notify_one();
+        let existed = match self.vms.map.lock().await.get_mut(id) {
+            Some(e) => {
+                e.deleting = true;
+                true
             }
-            e.is_some()
+            None => false,
         };
-        ledger::remove_vm(&self.cfg.data_dir, id)?;
-        self.leases.forget(id);
         if existed {
             self.apply_network().await?;
         }
+        if let Some(e) = self.vms.map.lock().await.remove(id) {
+            e.wake.notify_one();
+        }
+        ledger::remove_vm(&self.cfg.data_dir, id)?;
+        self.leases.forget(id);
         self.beat.notify_one();
         Ok(())
     }
