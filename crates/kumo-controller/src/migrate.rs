@@ -290,26 +290,25 @@ impl Controller {
         })
     }
 
-    /// Run a migration to its end: done, or rolled back.
+    /// Run a migration to its end: done, or rolled back. Called for a new migration (`prepare`)
+    /// and, after a restart, for one past its switch; those before it are rolled back instead
+    /// (see `recover_migrations`).
     pub(crate) async fn drive_migration(&self, m: MigrationRow) {
         let started = Instant::now();
-        let result = match m.step.as_str() {
-            "prepare" | "transfer" => self.transfer(&m).await,
-            "switch" | "cleanup" => Ok((None, None)),
-            _ => Err(OpError::Internal(
-                "the controller restarted while rolling back".into(),
-            )),
+        let result = if matches!(m.step.as_str(), "switch" | "cleanup") {
+            Ok((None, None))
+        } else {
+            self.transfer(&m).await
         };
         match result {
             Ok((stats, seen)) => {
                 self.finish_switch(&m, stats, seen, started).await;
             }
             Err(e) => {
-                let msg = match self.store.migration_row(&m.id).await {
-                    Ok(cur) if cur.error.as_deref() == Some("cancelled") => {
-                        "cancelled by the user".to_string()
-                    }
-                    _ => e.to_string(),
+                let msg = if self.cancelled(&m).await {
+                    "cancelled by the user".to_string()
+                } else {
+                    e.to_string()
                 };
                 self.roll_back(&m, &msg).await;
             }
@@ -322,12 +321,6 @@ impl Controller {
         &self,
         m: &MigrationRow,
     ) -> Result<(Option<serde_json::Value>, Option<Instant>), OpError> {
-        if m.step == "transfer" && m.job_id.is_some() {
-            // Left by a previous controller: its job may have finished long ago; start over.
-            return Err(OpError::Internal(
-                "the controller restarted during the transfer".into(),
-            ));
-        }
         let src = self.store.host(&m.source_host).await?;
         let dst = self.store.host(&m.dest_host).await?;
         let row = self

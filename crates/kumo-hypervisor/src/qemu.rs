@@ -52,7 +52,7 @@ const POLL: Duration = Duration::from_millis(20);
 /// `sun_path` is 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 
-const SPEC_FILE: &str = "spec.json";
+pub(crate) const SPEC_FILE: &str = "spec.json";
 const PID_FILE: &str = "qemu.pid";
 const QMP_SOCK: &str = "qmp.sock";
 const QMP_AUX_SOCK: &str = "qmp-aux.sock";

@@ -511,7 +511,7 @@ impl QemuDriver {
 
     /// The network namespace the VM's QEMU runs in (from its saved spec).
     fn spec_netns(&self, id: &str) -> Option<String> {
-        let b = std::fs::read(self.run_dir(id).join("spec.json")).ok()?;
+        let b = std::fs::read(self.run_dir(id).join(crate::qemu::SPEC_FILE)).ok()?;
         serde_json::from_slice::<crate::VmSpec>(&b).ok()?.netns
     }
 
